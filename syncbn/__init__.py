@@ -1,0 +1,17 @@
+"""syncbn: synchronized batch normalization for data-parallel PyTorch, on any device and backend."""
+
+from .batchnorm import SyncBatchNorm, sync_batch_norm
+from .comm import new_sync_groups
+from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SyncBatchNorm",
+    "sync_batch_norm",
+    "new_sync_groups",
+    "convert_sync_bn",
+    "revert_sync_bn",
+    "BatchNormNd",
+    "__version__",
+]

@@ -1,0 +1,291 @@
+"""SyncBatchNorm: batch normalization with statistics over a whole process group."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import comm
+from . import functional as BF
+from ._autograd import SyncNormFunction
+
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+_FALLBACKS = ("raise", "running")
+
+# Receives a layer's group batch statistics: (mean, biased var, count) -> None.
+StatsSink = Callable[[Tensor, Tensor, int], None]
+
+
+def _check_input(name: str, x: Tensor, num_features: int) -> None:
+    if x.dim() < 2 or x.shape[1] != num_features:
+        raise ValueError(
+            f"{name}: expected input of shape (N, {num_features}, *) with at least 2 dims, "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def _check_options(name: str, min_count: int, fallback: str) -> None:
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"{name}: expected fallback to be one of {_FALLBACKS}, got {fallback!r}")
+    if min_count < 2:
+        raise ValueError(
+            f"{name}: expected min_count >= 2 (the unbiased running variance divides by count - 1), "
+            f"got {min_count}"
+        )
+
+
+def _batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    *,
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    group: Optional[comm.ProcessGroup],
+    name: str,
+    min_count: int = 2,
+    fallback: str = "raise",
+    debias: bool = False,
+    renorm: Optional[tuple[float, float]] = None,
+    stats_sink: Optional[StatsSink] = None,
+) -> Tensor:
+    """Shared forward of every synchronized layer.
+
+    Decides *whether* to communicate (training with a group of more than one rank) and takes every
+    branch from the group's total count, which all ranks hold after the same all_reduce.
+    ``renorm=(r_max, d_max)`` switches to Batch Renormalization. With ``stats_sink`` the group's
+    batch statistics go to ``stats_sink(mean, biased var, count)`` (in the statistics dtype) instead of
+    into the running averages, which stay untouched (gradient accumulation, precise statistics).
+    """
+    if not training and running_mean is not None:
+        return BF.normalize(x, running_mean, running_var, weight, bias, eps)
+
+    sync = training and comm.group_size(group) > 1
+    tracking = training and running_mean is not None
+    if not sync and renorm is None and stats_sink is None:
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        if count >= min_count:
+            factor = _step(momentum, num_batches_tracked, debias) if tracking else 0.0
+            # Single process: torch's own fused kernel, so results equal nn.BatchNorm bit for bit.
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
+        mean = var = None
+    else:
+        mean, var, count = BF.local_stats(x)
+        if sync:
+            packed = comm.all_reduce_sum(BF.pack_stats(mean, var, count), group)
+            mean, var, count = BF.unpack_stats(packed, mean.dtype)
+
+    if count == 0:
+        # Every rank of the group is empty: nothing to normalize, nothing to learn from.
+        ones = torch.ones(x.shape[1], dtype=BF.stat_dtype(x.dtype), device=x.device)
+        return BF.normalize(x, torch.zeros_like(ones), ones, weight, bias, eps)
+    if count < min_count:
+        if fallback == "running" and running_mean is not None:
+            return BF.normalize(x, running_mean, running_var, weight, bias, eps)
+        where = "across the process group" if sync else "in the batch"
+        remedy = (
+            "pass fallback='running' to normalize with the running statistics"
+            if running_mean is not None
+            else "track running statistics and pass fallback='running'"
+        )
+        raise ValueError(
+            f"{name}: expected at least {min_count} values per channel {where} to compute batch "
+            f"statistics, got {count}. Use a larger batch, drop the last incomplete batch "
+            f"(DataLoader(drop_last=True)), or {remedy}."
+        )
+
+    r = d = None
+    if renorm is not None and running_mean is not None:
+        r, d = BF.renorm_factors(mean, var, running_mean, running_var, eps, *renorm)
+    if stats_sink is not None:
+        stats_sink(mean, var, count)
+    elif tracking:
+        factor = _step(momentum, num_batches_tracked, debias)
+        BF.update_running_stats(running_mean, running_var, mean, var, count, factor)
+    return SyncNormFunction.apply(x, weight, bias, mean, var, eps, count, group, sync, r, d)
+
+
+def _step(momentum: Optional[float], num_batches_tracked: Optional[Tensor], debias: bool) -> float:
+    """Count one more tracked batch and return this step's running-average factor."""
+    if num_batches_tracked is None:
+        if momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs a num_batches_tracked counter")
+        return momentum
+    num_batches_tracked.add_(1)
+    return BF.exponential_average_factor(momentum, num_batches_tracked, debias)
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: Optional[comm.ProcessGroup] = None,
+) -> Tensor:
+    """Functional synchronized batch norm: :func:`torch.nn.functional.batch_norm` over a group.
+
+    In training mode with an initialized group of more than one rank, the statistics are those of
+    the concatenation of every rank's ``input``; ``running_mean``/``running_var`` (if given) are
+    updated in place with ``momentum`` and the unbiased variance. Otherwise it equals
+    ``F.batch_norm``. Every rank of the group must call it the same number of times.
+
+    Args:
+        input: ``(N, C, *)``.
+        running_mean, running_var: ``(C,)`` buffers, or None to always use batch statistics.
+        weight, bias: ``(C,)`` affine parameters, or None.
+        training: use (and update) batch statistics.
+        momentum: running-average factor.
+        eps: added to the variance for stability.
+        process_group: group to synchronize over; None is the default group.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 5, 5)
+        >>> y = sync_batch_norm(x, None, None, training=True)
+    """
+    name = "syncbn.sync_batch_norm"
+    if running_mean is None:
+        _check_input(name, input, input.shape[1] if input.dim() >= 2 else -1)
+    else:
+        _check_input(name, input, running_mean.numel())
+    return _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        None,
+        weight,
+        bias,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        group=process_group,
+        name=name,
+    )
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization whose batch statistics span every rank of a process group.
+
+    A drop-in for :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` and :class:`torch.nn.SyncBatchNorm`
+    that runs on any device and backend, CPU with Gloo included. For an input ``x`` of shape
+    ``(N, C, *)`` on each of the ``W`` ranks of the group, in training mode
+
+    .. math::
+
+        \mu_c = \frac{1}{M}\sum_{w,n,s} x^{(w)}_{n,c,s}, \qquad
+        \sigma^2_c = \frac{1}{M}\sum_{w,n,s} (x^{(w)}_{n,c,s} - \mu_c)^2, \qquad
+        y = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon}}\,\gamma_c + \beta_c
+
+    where ``M`` is the number of values of channel ``c`` on all ranks together, so uneven and
+    empty batches are weighted by their counts. The forward makes one all_reduce of a float64
+    vector of ``2C + 1`` values (sums, sums of squares, count); the backward one all_reduce of
+    ``2C`` gradient sums. Running statistics follow torch: ``running_var`` stores the unbiased
+    variance ``M / (M - 1) * sigma^2``, ``momentum=None`` is the cumulative average, and
+    ``num_batches_tracked`` counts steps; every rank holds identical values. Eval mode uses the
+    running statistics and never communicates. With no initialized group, or a group of one rank,
+    it computes exactly what ``nn.BatchNorm`` computes.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps: added to the variance for stability. Default: 1e-5.
+        momentum: weight of the new batch in the running averages; None for a cumulative
+            average. Default: 0.1.
+        affine: learn per-channel ``weight`` (gamma) and ``bias`` (beta). Default: True.
+        track_running_stats: keep running averages for eval; if False, eval also uses batch
+            statistics (without communicating). Default: True.
+        process_group: group whose ranks share statistics; None is the default group.
+        min_count: fewest values per channel (over the group) to compute batch statistics from.
+            Default: 2.
+        fallback: what to do below ``min_count``: ``"raise"`` a ``ValueError`` on every rank, or
+            ``"running"`` to normalize with the running statistics (no update). Default: "raise".
+        debias: update the running statistics with the adaptive rate
+            ``momentum / (1 - (1 - momentum)**t)``, the bias-corrected average of a
+            zero-initialised EMA. Default: False.
+        device, dtype: factory kwargs for parameters and buffers.
+
+    Shape:
+        - Input: ``(N, C, *)`` with at least 2 dims; ``N`` may differ across ranks and be 0.
+        - Output: same shape, dtype and memory format as the input. Half inputs get float32
+          statistics.
+
+    Example::
+
+        >>> # xdoctest: +SKIP("distributed")
+        >>> torch.distributed.init_process_group("gloo")
+        >>> bn = syncbn.SyncBatchNorm(64)
+        >>> y = bn(torch.randn(2, 64, 32, 32))  # statistics of all ranks' samples together
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[comm.ProcessGroup] = None,
+        *,
+        min_count: int = 2,
+        fallback: str = "raise",
+        debias: bool = False,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+        self.min_count = min_count
+        self.fallback = fallback
+        self.debias = debias
+        # Set by syncbn.accumulate_bn_stats / recompute_bn_stats to collect statistics instead of
+        # updating the running averages; None in normal use.
+        self.stats_sink: Optional[StatsSink] = None
+        _check_options(self._layer_name(), min_count, fallback)
+
+    def _layer_name(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_input(self._layer_name(), input, self.num_features)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        if self.min_count != 2 or self.fallback != "raise":
+            extra += f", min_count={self.min_count}, fallback={self.fallback!r}"
+        if self.debias:
+            extra += ", debias=True"
+        return extra
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        return _batch_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            group=self.process_group,
+            name=self._layer_name(),
+            min_count=self.min_count,
+            fallback=self.fallback,
+            debias=self.debias,
+            stats_sink=self.stats_sink,
+        )

@@ -1,0 +1,204 @@
+"""Pure per-channel batch-normalization math.
+
+Nothing here talks to other processes: the layers ask these functions for local statistics,
+hand the packed vector to :mod:`syncbn.comm`, and come back here to turn the group's sums into
+mean and variance, to normalize and to update running averages.
+
+Conventions: ``x`` has shape ``(N, C, *)``; per-channel vectors have shape ``(C,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "stat_dtype",
+    "channel_view",
+    "local_stats",
+    "pack_stats",
+    "unpack_stats",
+    "exponential_average_factor",
+    "update_running_stats",
+    "normalize",
+    "renorm_factors",
+    "grad_sums",
+    "grad_input",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in for inputs of ``dtype``: float32 for half inputs."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def channel_view(v: Tensor, ndim: int) -> Tensor:
+    """Reshape a ``(C,)`` vector so that it broadcasts against an ``(N, C, *)`` tensor of ``ndim`` dims."""
+    return v.reshape((-1,) + (1,) * (ndim - 2))
+
+
+def local_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean and biased variance of ``x`` over every dim but 1, and the count.
+
+    Uses torch's fused batch-norm statistics kernel (one pass, accumulated in double on CPU).
+    Half inputs give float32 statistics. An empty ``x`` gives zeros and a count of 0. The results
+    carry no autograd history: the layers' backward accounts for them in closed form.
+    """
+    x = x.detach()
+    c = x.shape[1]
+    count = x.numel() // c if c else 0
+    dtype = stat_dtype(x.dtype)
+    if count == 0:
+        zeros = torch.zeros(c, dtype=dtype, device=x.device)
+        return zeros, zeros.clone(), 0
+    if x.dtype in _HALF:
+        # The kernel returns statistics in the dtype of the running buffers it is given; scratch
+        # float32 buffers (momentum 0) make it return float32 and leave the module's buffers alone.
+        scratch_mean = torch.zeros(c, dtype=dtype, device=x.device)
+        scratch_var = torch.ones(c, dtype=dtype, device=x.device)
+        mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
+    else:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    return mean, var, count
+
+
+def pack_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
+    """Pack local statistics as float64 ``[sum (C), sum of squares (C), count (1)]``.
+
+    Sums of values and of squares add across ranks, so one all_reduce of this vector gives the
+    group's sums. float64 keeps ``sum_sq / n - mean**2`` accurate to ~1e-16 * (mean/std)**2
+    relative to the variance: 1e-8 at |mean|/std = 1e4, far below float32 resolution.
+    """
+    m = mean.to(torch.float64)
+    n = float(count)
+    head = torch.cat([m * n, (var.to(torch.float64) + m * m) * n])
+    return torch.cat([head, head.new_full((1,), n)])
+
+
+def unpack_stats(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance (in ``dtype``) and total count from a (reduced) packed vector.
+
+    The variance is clamped at 0: rounding can never make it negative. A count of 0 gives zeros.
+    """
+    c = (packed.numel() - 1) // 2
+    count = int(round(packed[-1].item()))
+    if count == 0:
+        zeros = packed.new_zeros(c, dtype=dtype)
+        return zeros, zeros.clone(), 0
+    total, total_sq = packed[:c], packed[c : 2 * c]
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_(min=0.0)
+    return mean.to(dtype), var.to(dtype), count
+
+
+def exponential_average_factor(
+    momentum: Optional[float], num_batches_tracked: Tensor, debias: bool = False
+) -> float:
+    """The running-average weight of this step, given the already incremented step counter.
+
+    ``momentum=None`` gives the cumulative average ``1 / t`` as torch does. With ``debias`` the
+    rate is ``m / (1 - (1 - m)**t)``, which makes the buffers equal the bias-corrected average
+    ``r_t / (1 - (1 - m)**t)`` of a zero-initialised EMA ``r_t``.
+    """
+    t = int(num_batches_tracked.item())
+    if momentum is None:
+        return 1.0 / t
+    if debias:
+        return momentum / (1.0 - (1.0 - momentum) ** t)
+    return momentum
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float
+) -> None:
+    """``running = (1 - factor) * running + factor * batch`` in place, with the unbiased variance.
+
+    ``count`` must be at least 2 (the unbiased variance divides by ``count - 1``).
+    """
+    with torch.no_grad():
+        unbiased = var.to(running_var.dtype) * (count / (count - 1))
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased, factor)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's fused kernel.
+
+    Output has the dtype and memory format of ``x``. Differentiable in ``x``, ``weight`` and
+    ``bias`` with ``mean`` and ``var`` held constant (the eval-mode gradient).
+    """
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
+def renorm_factors(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's ``r`` and ``d`` (Ioffe 2017), both free of autograd history.
+
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``
+    with ``sigma_B = sqrt(var + eps)`` from the batch and ``sigma = sqrt(running_var + eps)``.
+    """
+    with torch.no_grad():
+        rm = running_mean.to(mean.dtype)
+        sigma = (running_var.to(var.dtype) + eps).sqrt()
+        r = ((var + eps).sqrt() / sigma).clamp_(1.0 / r_max, r_max)
+        d = ((mean - rm) / sigma).clamp_(-d_max, d_max)
+    return r, d
+
+
+def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` over the local batch, in one fused pass.
+
+    Calls torch's eval-mode batch-norm backward with unit variance and ``eps=0``, whose grad_weight
+    and grad_bias are exactly these two sums. An empty batch gives zeros.
+    """
+    c = x.shape[1]
+    if x.numel() == 0:
+        zeros = torch.zeros(c, dtype=mean.dtype, device=x.device)
+        return zeros, zeros.clone()
+    ones = torch.ones_like(mean)
+    _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, ones, mean, ones, None, None, False, 0.0, [False, True, True]
+    )
+    return sum_dy, sum_dy_xmu
+
+
+def grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    scale: Tensor,
+    mean_dy: Tensor,
+    mean_dy_xmu: Tensor,
+) -> Tensor:
+    """Training-mode batch-norm input gradient from the group's gradient means.
+
+    ``dx = scale * invstd * (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu)``, where ``scale``
+    is the effective per-channel weight and the two means run over the whole group's batch. Written
+    as ``a * dy + (b * x + c)``: one fused affine pass over ``x`` and one multiply-add with ``dy``.
+    """
+    a = scale * invstd
+    b = -a * invstd * invstd * mean_dy_xmu
+    c = -a * mean_dy - b * mean
+    # An eval-mode batch norm with zero mean, unit variance and eps=0 is the affine map b * x + c.
+    out = F.batch_norm(x, torch.zeros_like(mean), torch.ones_like(mean), b, c, False, 0.0, 0.0)
+    return out.addcmul_(grad_out, channel_view(a, x.dim()))

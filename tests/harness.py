@@ -1,0 +1,171 @@
+"""Multi-process test harness: pools of Gloo worker processes that live for the whole pytest session.
+
+Starting a process costs seconds here (importing torch), so instead of spawning per test, one pool
+of ``W`` workers per world size is started on first use and kept. ``run_on_ranks(W, fn, *args)``
+sends ``fn`` (a module-level function, pickled by reference) to every worker, which calls
+``fn(rank, world_size, *args)`` inside an initialized Gloo group and sends back the result or its
+traceback. Rendezvous goes through a temporary ``FileStore`` (no ports, so parallel pytest-xdist
+workers never collide). Any failure or timeout tears the pool down, so the next test gets a fresh,
+consistent group: a failing test never poisons the others.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["run_on_ranks", "DistributedTestError", "TEST_TIMEOUT_S", "COLLECTIVE_TIMEOUT_S"]
+
+# Time one test may take on all ranks before the pool is killed and the test fails.
+TEST_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_TIMEOUT", "120"))
+# Gloo's own timeout for a collective some rank never joins.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("SYNCBN_COLLECTIVE_TIMEOUT", "60"))
+_START_TIMEOUT_S = 120.0
+
+
+class DistributedTestError(AssertionError):
+    """A test function failed (or timed out) on one or more ranks; the message holds every traceback."""
+
+
+def _worker_main(rank: int, world_size: int, store_path: str, tasks: Any, results: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    results.put((rank, "ready", None))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        fn, args, kwargs = item
+        try:
+            out = fn(rank, world_size, *args, **kwargs)
+            results.put((rank, "ok", out))
+        except BaseException:
+            results.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.tmpdir = tempfile.mkdtemp(prefix=f"syncbn-pool{world_size}-")
+        store_path = os.path.join(self.tmpdir, "store")
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        self.procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(rank, world_size, store_path, self.tasks[rank], self.results),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in self.procs:
+            p.start()
+        replies = self._collect(_START_TIMEOUT_S, "start")
+        errors = [r for r in replies if r[1] != "ready"]
+        if errors:
+            self.close()
+            raise DistributedTestError(self._format(errors, "failed to start"))
+
+    def _collect(self, timeout: float, what: str) -> list[tuple[int, str, Any]]:
+        deadline = time.monotonic() + timeout
+        replies: dict[int, tuple[int, str, Any]] = {}
+        while len(replies) < self.world_size:
+            left = deadline - time.monotonic()
+            dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in replies]
+            if left <= 0 or (dead and self.results.empty()):
+                missing = sorted(set(range(self.world_size)) - set(replies))
+                self.close()
+                reason = "died" if dead and left > 0 else f"timed out after {timeout:.0f}s"
+                raise DistributedTestError(
+                    f"ranks {missing} of {self.world_size} {reason} during {what}; replies from the "
+                    f"others:\n" + self._format(list(replies.values()), "")
+                )
+            try:
+                reply = self.results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            replies[reply[0]] = reply
+        return [replies[r] for r in range(self.world_size)]
+
+    @staticmethod
+    def _format(replies: list[tuple[int, str, Any]], headline: str) -> str:
+        parts = [headline] if headline else []
+        for rank, status, payload in replies:
+            if status == "error":
+                parts.append(f"--- rank {rank} ---\n{payload}")
+            else:
+                parts.append(f"--- rank {rank}: {status} ---")
+        return "\n".join(parts)
+
+    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float) -> list[Any]:
+        for q in self.tasks:
+            q.put((fn, args, kwargs))
+        replies = self._collect(timeout, fn.__qualname__)
+        if any(status == "error" for _, status, _ in replies):
+            # Ranks that raised may have left peers mid-collective: start over with a fresh group.
+            self.close()
+            raise DistributedTestError(
+                self._format(replies, f"{fn.__qualname__} failed on world size {self.world_size}")
+            )
+        return [payload for _, _, payload in replies]
+
+    def close(self) -> None:
+        for q in self.tasks:
+            try:
+                q.put_nowait(None)
+            except Exception:
+                pass
+        for p in self.procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        _POOLS.pop(self.world_size, None)
+
+
+_POOLS: dict[int, _Pool] = {}
+
+
+def run_on_ranks(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = TEST_TIMEOUT_S, **kwargs: Any
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on every rank of a Gloo group of ``world_size``.
+
+    ``fn`` must be importable (a module-level function). Returns the per-rank results in rank
+    order; raises :class:`DistributedTestError` with every failing rank's traceback.
+    """
+    pool = _POOLS.get(world_size)
+    if pool is None:
+        pool = _POOLS[world_size] = _Pool(world_size)
+    return pool.run(fn, args, kwargs, timeout)
+
+
+@atexit.register
+def _shutdown() -> None:
+    for pool in list(_POOLS.values()):
+        pool.close()
