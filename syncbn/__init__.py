@@ -3,6 +3,7 @@
 from .batchnorm import SyncBatchNorm, sync_batch_norm
 from .comm import new_sync_groups
 from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
+from .distributed import DistInfo, cleanup, init_distributed
 
 __version__ = "0.1.0"
 
@@ -13,5 +14,8 @@ __all__ = [
     "convert_sync_bn",
     "revert_sync_bn",
     "BatchNormNd",
+    "init_distributed",
+    "cleanup",
+    "DistInfo",
     "__version__",
 ]
