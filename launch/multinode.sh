@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run a training script on several machines: start this once on every node.
+#
+# Usage (node 0 is the one at MASTER_ADDR; run the same line on each node with its NODE_RANK):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/multinode.sh examples/train_resnet.py
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launch/multinode.sh examples/train_resnet.py
+# Environment:
+#   NNODES       number of machines (required)
+#   NODE_RANK    this machine's index, 0..NNODES-1 (required); node 0 hosts the rendezvous store
+#                (global ranks are then assigned by the rendezvous, not by NODE_RANK)
+#   MASTER_ADDR  address of node 0 that the other nodes can reach (required; no default, so
+#                nothing guesses an interface for you)
+#   MASTER_PORT  rendezvous port on node 0 (default 29500)
+#   NPROC        processes per node (default: number of visible GPUs, or 2 without a GPU)
+#   RDZV_ID      job id shared by all nodes (default syncbn-$MASTER_PORT)
+#   PYTHON       interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
+# Uses torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT. torch's rendezvous store on node 0
+# listens on every interface of that port (torch offers no bind address): keep the port firewalled
+# to the cluster network. For Gloo across machines set GLOO_SOCKET_IFNAME (e.g. eth0), for NCCL
+# NCCL_SOCKET_IFNAME, when the default interface is the wrong one.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+syncbn_require_script "$@"
+: "${NNODES:?expected NNODES (number of machines), e.g. NNODES=2}"
+: "${NODE_RANK:?expected NODE_RANK (index of this machine, 0..NNODES-1)}"
+: "${MASTER_ADDR:?expected MASTER_ADDR (address of node 0 reachable from every node)}"
+MASTER_PORT=${MASTER_PORT:-29500}
+NPROC=${NPROC:-$(syncbn_default_nproc)}
+RDZV_ID=${RDZV_ID:-syncbn-$MASTER_PORT}
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ && "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+  echo "multinode.sh: expected NNODES >= 1 and 0 <= NODE_RANK < NNODES, got NNODES=$NNODES NODE_RANK=$NODE_RANK" >&2
+  exit 2
+fi
+# Node 0 hosts the store: say so instead of letting torch guess from host names.
+if [ "$NODE_RANK" -eq 0 ]; then IS_HOST=true; else IS_HOST=false; fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes="$NNODES" --nproc-per-node="$NPROC" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
+  --rdzv-conf="is_host=$IS_HOST" \
+  "$@"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run a training script on every GPU of this machine (or 2 CPU processes) with torchrun.
+#
+# Usage: bash launch/torchrun.sh SCRIPT.py [ARGS...]
+#   bash launch/torchrun.sh examples/train_resnet.py                   # 2 CPU procs, digits, SyncBN
+#   NPROC=4 bash launch/torchrun.sh examples/train_resnet.py --norm bn --epochs 3
+# Environment:
+#   NPROC   processes on this node (default: number of visible GPUs, or 2 without a GPU)
+#   PYTHON  interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
+#   OMP_NUM_THREADS  threads per process (default 1: N processes share the cores)
+# Rendezvous is --standalone: a store on localhost with a free port, so runs never collide.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+syncbn_require_script "$@"
+NPROC=${NPROC:-$(syncbn_default_nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" "$@"
