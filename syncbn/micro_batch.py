@@ -1,0 +1,256 @@
+"""What to do when the batch is too small: deferred statistics, precise statistics, frozen BN.
+
+The fallback policies for groups with too few values (``min_count`` and ``fallback``) live in
+:class:`syncbn.SyncBatchNorm` itself, as they decide control flow inside its forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from itertools import islice
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import functional as BF
+from .batchnorm import SyncBatchNorm, _check_input, _step
+
+__all__ = ["accumulate_bn_stats", "recompute_bn_stats", "FrozenBatchNorm"]
+
+
+class _StatsAccumulator:
+    """Exact union of batch statistics: float64 sums of count, count*mean and count*(var + mean^2).
+
+    Called as a layer's ``stats_sink`` with the group's ``(mean, biased var, count)``; since those
+    are identical on every rank of the group, so are the sums, and no further communication is
+    needed.
+    """
+
+    def __init__(self) -> None:
+        self.packed: Optional[Tensor] = None
+
+    def __call__(self, mean: Tensor, var: Tensor, count: int) -> None:
+        packed = BF.pack_stats(mean, var, count)
+        self.packed = packed if self.packed is None else self.packed + packed
+
+    def result(self) -> tuple[Tensor, Tensor, int]:
+        """Mean, biased variance (float64) and count of everything seen; count 0 if nothing."""
+        if self.packed is None:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 0
+        return BF.unpack_stats(self.packed.clone(), torch.float64)  # unpack works in place
+
+
+def _tracking_layers(module: nn.Module, caller: str) -> list[SyncBatchNorm]:
+    """The SyncBatchNorm layers of ``module`` that keep running statistics.
+
+    Raises ``ValueError`` when ``module`` holds torch batch norms with running statistics (they
+    would update them on every forward, unnoticed) or a layer already collecting statistics.
+    """
+    layers: list[SyncBatchNorm] = []
+    plain: list[str] = []
+    for name, m in module.named_modules():
+        if isinstance(m, SyncBatchNorm):
+            if m.track_running_stats:
+                if m.stats_sink is not None:
+                    raise ValueError(
+                        f"{caller}: {m._layer_name()} at {name or '<root>'!r} is already collecting "
+                        "statistics; expected no nested accumulate_bn_stats / recompute_bn_stats"
+                    )
+                layers.append(m)
+        elif isinstance(m, _BatchNorm) and m.track_running_stats:
+            plain.append(f"{name or '<root>'} ({type(m).__name__})")
+    if plain:
+        raise ValueError(
+            f"{caller}: expected only syncbn layers to keep running statistics, got torch batch "
+            f"norms {', '.join(plain)}; convert them with syncbn.convert_sync_bn first"
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def accumulate_bn_stats(module: nn.Module) -> Iterator[None]:
+    r"""Update running statistics once per optimizer step under gradient accumulation.
+
+    Inside the context every :class:`SyncBatchNorm` (and :class:`SyncBatchRenorm`) in ``module``
+    normalizes each micro-batch with that micro-batch's synchronized statistics, as usual, but
+    leaves its running statistics and ``num_batches_tracked`` alone. On a normal exit each layer
+    makes ONE running-average update with the exact mean ``mu`` and unbiased variance of the union
+    of all its micro-batches on all ranks of its group,
+
+    .. math::
+
+        M = \sum_k M_k, \quad \mu = \frac{1}{M}\sum_k M_k \mu_k, \quad
+        \sigma^2 = \frac{1}{M}\sum_k M_k (\sigma_k^2 + \mu_k^2) - \mu^2,
+
+    (float64 sums; ``M_k`` the group's count of micro-batch ``k``), with the layer's momentum,
+    ``momentum=None`` or ``debias`` semantics, and ``num_batches_tracked`` grows by one. So ``k``
+    micro-batches of ``b`` samples on ``W`` ranks leave the running statistics one step of batch
+    norm on all ``k * b * W`` samples would. Micro-batches skipped by ``fallback="running"`` do not
+    count. If the block raises, the layers are restored and nothing is updated. The exit itself
+    communicates nothing.
+
+    Args:
+        module: a model whose batch norms were converted with :func:`syncbn.convert_sync_bn`.
+            Torch batch norms with running statistics are refused (``ValueError``), as they would
+            update on every micro-batch.
+
+    Example::
+
+        >>> with syncbn.accumulate_bn_stats(model):
+        ...     for x, y in micro_batches:
+        ...         loss_fn(model(x), y).backward()
+        >>> optimizer.step()
+    """
+    layers = _tracking_layers(module, "syncbn.accumulate_bn_stats")
+    sinks = [_StatsAccumulator() for _ in layers]
+    for layer, sink in zip(layers, sinks):
+        layer.stats_sink = sink
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.stats_sink = None
+    # Reached only when the block did not raise.
+    for layer, sink in zip(layers, sinks):
+        mean, var, count = sink.result()
+        if count < 2:
+            continue  # nothing (or nothing usable) seen: no update, as in torch for no forward
+        factor = _step(layer.momentum, layer.num_batches_tracked, layer.debias)
+        BF.update_running_stats(layer.running_mean, layer.running_var, mean, var, count, factor)
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Tensor):
+        model(batch)
+    elif isinstance(batch, (tuple, list)):
+        model(batch[0])
+    elif isinstance(batch, dict):
+        model(**batch)
+    else:
+        raise ValueError(
+            "syncbn.recompute_bn_stats: expected each batch to be a Tensor, a (input, target, ...) "
+            f"tuple or list, or a dict of keyword arguments, got {type(batch).__name__}"
+        )
+
+
+def recompute_bn_stats(
+    model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None
+) -> nn.Module:
+    """Set running statistics to the exact population statistics of ``batches`` (PreciseBN).
+
+    Runs ``model`` in training mode without gradients over ``batches`` (the first ``num_batches``
+    of them when given) and sets every :class:`SyncBatchNorm` layer's ``running_mean`` and
+    ``running_var`` to the pooled mean and unbiased variance of all values it saw, on all ranks of
+    its group, computed exactly from float64 sums (not a moving average). ``num_batches_tracked``
+    (a renorm schedule's clock) is left unchanged, as are layers that saw nothing. Afterwards
+    every submodule's training flag is what it was before.
+
+    Each batch is passed as ``model(batch)`` for a Tensor, ``model(batch[0])`` for a tuple or list
+    (a DataLoader's ``(input, target)``) and ``model(**batch)`` for a dict.
+
+    Every rank of a group must run the same number of batches (each forward is a collective):
+    pass ``num_batches`` when the loaders' lengths may differ.
+
+    Args:
+        model: a model whose batch norms were converted with :func:`syncbn.convert_sync_bn`.
+        batches: an iterable of inputs, e.g. a DataLoader over (part of) the training set.
+        num_batches: use at most this many batches; None uses them all.
+
+    Returns:
+        ``model``.
+
+    Example::
+
+        >>> syncbn.recompute_bn_stats(model, train_loader, num_batches=200)
+        >>> evaluate(model.eval())
+    """
+    if num_batches is not None and num_batches < 0:
+        raise ValueError(f"syncbn.recompute_bn_stats: expected num_batches >= 0 or None, got {num_batches}")
+    layers = _tracking_layers(model, "syncbn.recompute_bn_stats")
+    flags = [(m, m.training) for m in model.modules()]
+    sinks = [_StatsAccumulator() for _ in layers]
+    try:
+        for layer, sink in zip(layers, sinks):
+            layer.stats_sink = sink
+        model.train()
+        with torch.no_grad():
+            for batch in islice(batches, num_batches):
+                _call(model, batch)
+    finally:
+        for layer in layers:
+            layer.stats_sink = None
+        for m, flag in flags:
+            m.training = flag
+    with torch.no_grad():
+        for layer, sink in zip(layers, sinks):
+            mean, var, count = sink.result()
+            if count < 2:
+                continue
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var * (count / (count - 1)))
+    return model
+
+
+class FrozenBatchNorm(nn.Module):
+    r"""Batch norm with fixed statistics and affine: a per-channel affine map in every mode.
+
+    .. math::
+
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+    with ``running_mean`` (mu), ``running_var`` (sigma^2), ``weight`` (gamma) and ``bias`` (beta)
+    all buffers: nothing is learnt or updated, training and eval compute the same thing, and it
+    never communicates. Gradients flow to the input only. The output equals a batch norm's eval
+    output with the same values. For fine-tuning with tiny batches and for transfer learning
+    (detectron2's ``FrozenBatchNorm2d``). :func:`syncbn.freeze_bn` builds these from a model's batch
+    norms and :func:`syncbn.unfreeze_bn` turns them back.
+
+    The ``state_dict`` keys are those of ``nn.BatchNorm2d`` (``num_batches_tracked`` included and
+    never changed); a state dict without ``num_batches_tracked`` (torchvision's frozen layers)
+    loads too.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps: added to the variance. Default: 1e-5.
+        device, dtype: factory kwargs for the buffers.
+
+    Shape:
+        - Input: ``(N, C, *)``; Output: same shape.
+
+    Example::
+
+        >>> frozen = syncbn.FrozenBatchNorm(64)
+        >>> frozen.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
+        <All keys matched successfully>
+        >>> y = frozen(torch.randn(2, 64, 8, 8))
+    """
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Optional[torch.dtype] = None
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, *args: Any
+    ) -> None:
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_input(f"FrozenBatchNorm({self.num_features})", input, self.num_features)
+        return BF.normalize(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
