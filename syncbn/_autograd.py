@@ -25,7 +25,7 @@ class SyncNormFunction(torch.autograd.Function):
     norm passes None for both (``r = 1``, ``d = 0``).
 
     Saved for backward: the input ``x`` itself (no copy, no float64 or normalized tensor) and
-    per-channel vectors (weight, mean, invstd, r): the saved bytes are the input's plus O(C).
+    per-channel vectors (weight, mean, var, r, d): the saved bytes are the input's plus O(C).
 
     The backward always runs exactly one all_reduce of the ``2C`` float64 gradient sums over
     ``group`` (None: no communication), also on a rank whose batch is empty, so that ranks never
@@ -47,56 +47,38 @@ class SyncNormFunction(torch.autograd.Function):
         r: Optional[Tensor],
         d: Optional[Tensor],
     ) -> Tensor:
-        invstd = torch.rsqrt(var + eps)
-        scale = weight if weight is not None else torch.ones_like(mean)
+        scale, shift = weight, bias
         if r is not None:
-            scale = scale * r
-        shift = bias
-        if d is not None:
+            scale = r if weight is None else weight * r
             wd = d if weight is None else weight * d
             shift = wd if bias is None else bias + wd
-        y = BF.normalize(x, mean, var, scale, shift, eps)
-        ctx.save_for_backward(x, weight, mean, invstd, r, d)
-        ctx.count = count
-        ctx.group = group
-        ctx.sync = sync
-        return y
+        ctx.save_for_backward(x, weight, mean, var, r, d)
+        ctx.eps, ctx.count, ctx.group, ctx.sync = eps, count, group, sync
+        ctx.bias_dtype = bias.dtype if bias is not None else mean.dtype
+        return BF.normalize(x, mean, var, scale, shift, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        x, weight, mean, var, r, d = ctx.saved_tensors
         c = mean.numel()
-        sum_dy, sum_dy_xmu = BF.grad_sums(grad_out, x, mean)
+        # sum_dy_xhat = sum(dy * (x - mean)) * invstd: plain batch norm's grad_weight.
+        sum_dy, sum_dy_xhat = BF.grad_sums(grad_out, x, mean, var, ctx.eps)
         if ctx.sync:
-            packed = torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64)
-            comm.all_reduce_sum(packed, ctx.group)
-            total = packed.to(mean.dtype)
-            g_sum_dy, g_sum_dy_xmu = total[:c], total[c:]
+            packed = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)
+            means = comm.all_reduce_sum(packed, ctx.group).div_(ctx.count).to(mean.dtype)
         else:
-            g_sum_dy, g_sum_dy_xmu = sum_dy, sum_dy_xmu
+            means = torch.cat([sum_dy, sum_dy_xhat]).div_(ctx.count)
 
         grad_x = grad_w = grad_b = None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if need_x:
-            scale = weight if weight is not None else torch.ones_like(mean)
-            if r is not None:
-                scale = scale * r
-            grad_x = BF.grad_input(
-                grad_out,
-                x,
-                mean,
-                invstd,
-                scale,
-                g_sum_dy / ctx.count,
-                g_sum_dy_xmu / ctx.count,
-            )
+            scale = weight if r is None else (r if weight is None else weight * r)
+            grad_x = BF.grad_input(grad_out, x, mean, var, ctx.eps, scale, means[:c], means[c:])
         if need_w:
-            # Local contributions: DDP (or the user) sums/averages these over ranks like any weight grad.
-            grad_w = sum_dy_xmu * invstd
-            if r is not None:
-                grad_w = grad_w * r + d * sum_dy
+            # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
+            grad_w = sum_dy_xhat if r is None else sum_dy_xhat * r + d * sum_dy
             grad_w = grad_w.to(weight.dtype)
         if need_b:
-            grad_b = sum_dy.to(mean.dtype)
+            grad_b = sum_dy.to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None

@@ -74,26 +74,29 @@ def pack_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
     group's sums. float64 keeps ``sum_sq / n - mean**2`` accurate to ~1e-16 * (mean/std)**2
     relative to the variance: 1e-8 at |mean|/std = 1e4, far below float32 resolution.
     """
-    m = mean.to(torch.float64)
-    n = float(count)
-    head = torch.cat([m * n, (var.to(torch.float64) + m * m) * n])
-    return torch.cat([head, head.new_full((1,), n)])
+    c = mean.numel()
+    packed = torch.cat([mean, var, mean.new_ones(1)]).to(torch.float64)
+    m = packed[:c]
+    packed[c : 2 * c].addcmul_(m, m)  # n * (var + mean^2) = sum of squares
+    return packed.mul_(float(count))
 
 
 def unpack_stats(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance (in ``dtype``) and total count from a (reduced) packed vector.
 
-    The variance is clamped at 0: rounding can never make it negative. A count of 0 gives zeros.
+    Works in place on ``packed``. The variance is clamped at 0: rounding can never make it
+    negative. A count of 0 gives zeros.
     """
     c = (packed.numel() - 1) // 2
     count = int(round(packed[-1].item()))
     if count == 0:
-        zeros = packed.new_zeros(c, dtype=dtype)
-        return zeros, zeros.clone(), 0
-    total, total_sq = packed[:c], packed[c : 2 * c]
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_(min=0.0)
-    return mean.to(dtype), var.to(dtype), count
+        zeros = packed.new_zeros(2 * c, dtype=dtype)
+        return zeros[:c], zeros[c:], 0
+    moments = packed[: 2 * c].div_(count)
+    mean = moments[:c]
+    moments[c:].addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)
+    out = moments.to(dtype)
+    return out[:c], out[c:], count
 
 
 def exponential_average_factor(
@@ -139,7 +142,7 @@ def normalize(
     Output has the dtype and memory format of ``x``. Differentiable in ``x``, ``weight`` and
     ``bias`` with ``mean`` and ``var`` held constant (the eval-mode gradient).
     """
-    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
 
 def renorm_factors(
@@ -164,41 +167,41 @@ def renorm_factors(
     return r, d
 
 
-def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` over the local batch, in one fused pass.
+def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) / sqrt(var + eps)`` over the local batch.
 
-    Calls torch's eval-mode batch-norm backward with unit variance and ``eps=0``, whose grad_weight
-    and grad_bias are exactly these two sums. An empty batch gives zeros.
+    One fused pass: torch's eval-mode batch-norm backward, whose grad_bias and grad_weight are
+    exactly these sums (the second is plain batch norm's grad_weight). An empty batch gives zeros.
     """
-    c = x.shape[1]
     if x.numel() == 0:
-        zeros = torch.zeros(c, dtype=mean.dtype, device=x.device)
-        return zeros, zeros.clone()
-    ones = torch.ones_like(mean)
-    _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_out, x, ones, mean, ones, None, None, False, 0.0, [False, True, True]
+        zeros = torch.zeros(2, x.shape[1], dtype=mean.dtype, device=x.device)
+        return zeros[0], zeros[1]
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, None, mean, var, None, None, False, eps, [False, True, True]
     )
-    return sum_dy, sum_dy_xmu
+    return sum_dy, sum_dy_xhat
 
 
 def grad_input(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
-    invstd: Tensor,
-    scale: Tensor,
+    var: Tensor,
+    eps: float,
+    scale: Optional[Tensor],
     mean_dy: Tensor,
-    mean_dy_xmu: Tensor,
+    mean_dy_xhat: Tensor,
 ) -> Tensor:
     """Training-mode batch-norm input gradient from the group's gradient means.
 
-    ``dx = scale * invstd * (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu)``, where ``scale``
-    is the effective per-channel weight and the two means run over the whole group's batch. Written
-    as ``a * dy + (b * x + c)``: one fused affine pass over ``x`` and one multiply-add with ``dy``.
+    With ``xhat = (x - mean) * invstd`` and ``a = scale * invstd`` (``scale`` is the effective
+    per-channel weight, None for 1):
+    ``dx = a * (dy - mean_dy - xhat * mean_dy_xhat)``, where both means run over the whole group's
+    batch. Computed as ``a * dy + (xhat * (-a * mean_dy_xhat) + (-a * mean_dy))``: one fused
+    eval-mode batch-norm pass over ``x`` and one multiply-add with ``dy``.
     """
-    a = scale * invstd
-    b = -a * invstd * invstd * mean_dy_xmu
-    c = -a * mean_dy - b * mean
-    # An eval-mode batch norm with zero mean, unit variance and eps=0 is the affine map b * x + c.
-    out = F.batch_norm(x, torch.zeros_like(mean), torch.ones_like(mean), b, c, False, 0.0, 0.0)
+    invstd = torch.rsqrt(var + eps)
+    a = invstd if scale is None else scale * invstd
+    neg_a = a.neg()
+    out = torch.batch_norm(x, neg_a * mean_dy_xhat, neg_a * mean_dy, mean, var, False, 0.0, eps, False)
     return out.addcmul_(grad_out, channel_view(a, x.dim()))
