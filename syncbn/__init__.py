@@ -2,6 +2,7 @@
 
 from .batchnorm import SyncBatchNorm, sync_batch_norm
 from .comm import new_sync_groups
+from .comm import set_debug
 from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
 from .distributed import DistInfo, cleanup, init_distributed
 
@@ -11,6 +12,7 @@ __all__ = [
     "SyncBatchNorm",
     "sync_batch_norm",
     "new_sync_groups",
+    "set_debug",
     "convert_sync_bn",
     "revert_sync_bn",
     "BatchNormNd",

@@ -81,6 +81,9 @@ def _batch_norm(
     else:
         mean, var, count = BF.local_stats(x)
         if sync:
+            if comm.debug_enabled():
+                owned = running_mean if running_mean is not None else weight
+                comm.check_consistency(name, x, group, key=owned)
             packed = comm.all_reduce_sum(BF.pack_stats(mean, var, count), group)
             mean, var, count = BF.unpack_stats(packed, mean.dtype)
 

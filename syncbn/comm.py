@@ -6,13 +6,24 @@ collective the same number of times" can be read off one file.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import weakref
+import zlib
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ProcessGroup", "group_size", "all_reduce_sum", "new_sync_groups"]
+__all__ = [
+    "ProcessGroup",
+    "group_size",
+    "all_reduce_sum",
+    "new_sync_groups",
+    "set_debug",
+    "debug_enabled",
+    "check_consistency",
+]
 
 if dist.is_available():
     from torch.distributed import ProcessGroup
@@ -31,7 +42,9 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
     """Sum ``tensor`` in place over ``group`` (blocking) and return it.
 
     Raises a ``RuntimeError`` that names the tensor's dtype, device and the backend when the
-    backend refuses it (say float64 on a backend without it, or a CUDA tensor on a CPU-only Gloo).
+    backend refuses it (say float64 on a backend without it, or a CUDA tensor on a CPU-only Gloo),
+    or when a peer never joins (it crashed, exited, or took another path) and the group's timeout
+    expires.
     """
     try:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
@@ -39,8 +52,10 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
         backend = dist.get_backend(group)
         raise RuntimeError(
             f"syncbn: all_reduce of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device} "
-            f"failed on the {backend!r} backend: {err}. Use a backend that supports this device "
-            "(NCCL for CUDA tensors, Gloo for CPU tensors)."
+            f"failed on the {backend!r} backend: {err}. If the backend refused the tensor, use one "
+            "that supports this device (NCCL for CUDA tensors, Gloo for CPU tensors). If a peer "
+            "rank crashed, exited or skipped this layer (a timeout or closed connection), look at "
+            "that rank's log; SYNCBN_DEBUG=1 checks that all ranks call the same layers."
         ) from err
     return tensor
 
@@ -78,3 +93,146 @@ def new_sync_groups(group_size: int) -> ProcessGroup:
             mine = group
     assert mine is not None
     return mine
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency mode: before each synchronized call, check that every rank is at the same layer.
+
+_ENV_DEBUG = "SYNCBN_DEBUG"
+
+
+def _env_debug() -> bool:
+    return os.environ.get(_ENV_DEBUG, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# Read once (here, and on set_debug(None)) so that the check costs one global lookup when off.
+_debug = _env_debug()
+
+
+def set_debug(flag: Optional[bool]) -> None:
+    """Turn consistency mode on or off for this process; None goes back to ``$SYNCBN_DEBUG``.
+
+    In consistency mode every synchronized call first runs :func:`check_consistency`: one small
+    all_gather that verifies every rank of the group is in the same layer, at the same call, with
+    the same channel count and dtype, and raises ``ValueError`` on every rank otherwise, where
+    the mismatched stats all_reduce would abort Gloo ("Received data size doesn't match expected
+    size") or hang. Every rank of a group must use the same setting (it adds a collective). Off
+    by default; ``SYNCBN_DEBUG=1`` in the environment turns it on.
+    """
+    global _debug
+    _debug = _env_debug() if flag is None else bool(flag)
+
+
+def debug_enabled() -> bool:
+    """Whether consistency mode is on (:func:`set_debug`, or ``SYNCBN_DEBUG=1``)."""
+    return _debug
+
+
+# Per-layer call counters, keyed by the id of a tensor the layer owns (its running_mean or
+# weight) and dropped when that tensor dies, so a reused id never inherits a stale count.
+_calls: dict[int, int] = {}
+_name_calls: dict[str, int] = {}
+# float dtypes first; anything else is reported by its position in this tuple or as -1.
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+_NAME_BYTES = 64
+_HEAD = 5  # call, name hash, channels, dtype code, name length
+
+
+def _next_call(name: str, key: Optional[Tensor]) -> int:
+    if key is None:
+        n = _name_calls[name] = _name_calls.get(name, 0) + 1
+        return n
+    k = id(key)
+    n = _calls.get(k)
+    if n is None:
+        weakref.finalize(key, _calls.pop, k, None)
+        n = 0
+    _calls[k] = n + 1
+    return n + 1
+
+
+def _encode(name: str, call: int, channels: int, dtype: torch.dtype, device: Any) -> Tensor:
+    raw = name.encode("utf-8")
+    code = _DTYPES.index(dtype) if dtype in _DTYPES else -1
+    head = [call, zlib.crc32(raw), channels, code, min(len(raw), _NAME_BYTES)]
+    body = list(raw[:_NAME_BYTES]) + [0] * (_NAME_BYTES - min(len(raw), _NAME_BYTES))
+    return torch.tensor(head + body, dtype=torch.int64, device=device)
+
+
+def _decode(t: Tensor) -> tuple[str, int, int, int, str]:
+    v = t.tolist()
+    call, name_hash, channels, code, n = v[:_HEAD]
+    name = bytes(v[_HEAD : _HEAD + n]).decode("utf-8", errors="replace")
+    dtype = str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "an unlisted dtype"
+    return name, name_hash, call, channels, dtype
+
+
+def _group_ranks(group: Optional[ProcessGroup], n: int) -> list[int]:
+    try:
+        return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    except Exception:  # pragma: no cover - very old torch: fall back to group-local ranks
+        return list(range(n))
+
+
+def check_consistency(
+    name: str, x: Tensor, group: Optional[ProcessGroup] = None, key: Optional[Tensor] = None
+) -> None:
+    """Verify, in one all_gather of ``5 + 64`` int64 values, that all ranks agree on this call.
+
+    Every rank sends its layer name (hash and first 64 bytes), how many times this layer has been
+    called on this rank (counted per ``key``, a tensor the layer owns, or per ``name`` when None),
+    the channel count ``x.shape[1]`` and ``x.dtype``. The message is the same fixed size on every
+    rank, so even mismatched ranks complete it; if any value differs, every rank raises the same
+    ``ValueError`` listing each rank's values. Must be called by every rank of ``group`` before
+    the collective it protects.
+    """
+    call = _next_call(name, key)
+    mine = _encode(name, call, x.shape[1] if x.dim() > 1 else -1, x.dtype, x.device)
+    world = group_size(group)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    try:
+        dist.all_gather(gathered, mine, group=group)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"syncbn: the consistency check of {name} (call {call}) could not all_gather over the "
+            f"{dist.get_backend(group)!r} group: {err}. If a peer rank crashed, stopped or called a "
+            "different number of synchronized layers, look at its log; if the backend refused the "
+            f"{mine.device} tensor, use a backend that supports the input's device."
+        ) from err
+    # (call, name hash, channels, dtype code) per rank.
+    keys = [t[:4].tolist() for t in gathered]
+    if all(k == keys[0] for k in keys):
+        return
+    ranks = _group_ranks(group, world)
+    rows = []
+    for rank, t in zip(ranks, gathered):
+        r_name, _, r_call, r_channels, r_dtype = _decode(t)
+        rows.append(f"  rank {rank}: {r_name} call {r_call}, {r_channels} channels, {r_dtype}")
+    what = [
+        label
+        for label, i in (("layer", 1), ("call count", 0), ("channel count", 2), ("dtype", 3))
+        if any(k[i] != keys[0][i] for k in keys)
+    ]
+    me = dist.get_rank()
+    raise ValueError(
+        f"syncbn consistency check failed on rank {me} in {name} (call {call}): expected every rank "
+        f"of the group to be in the same synchronized layer, at the same call, with the same "
+        f"channel count and dtype; got different {', '.join(what)}:\n"
+        + "\n".join(rows)
+        + "\nMake every rank run the same "
+        "synchronized layers in the same order (no rank-dependent branches or early exits around "
+        "them) with inputs of the same channel count and dtype."
+    )

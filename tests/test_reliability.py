@@ -1,0 +1,249 @@
+"""Reliability: ranks that go different ways fail fast and clearly; bad values propagate, never hang.
+
+Every test that could hang runs its synchronized layers on a fresh sub-group with a short Gloo
+timeout (``_short_group``), so a regression costs seconds and leaves the harness's default group
+(and its worker pool) usable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import syncbn
+from syncbn import comm
+
+from .harness import run_on_ranks
+from .parity import assert_close
+
+SHORT_TIMEOUT_S = 3.0
+
+
+def _short_group(world_size: int, seconds: float = SHORT_TIMEOUT_S):
+    """A new group of every rank with a short collective timeout (every rank must call this)."""
+    return dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=seconds))
+
+
+def _outcome(fn, *args, **kwargs) -> dict:
+    """Run ``fn``; return what it raised (type and message) or "ok", and how long it took."""
+    start = time.monotonic()
+    try:
+        fn(*args, **kwargs)
+        result = {"raised": None, "message": ""}
+    except Exception as err:  # noqa: BLE001 - the test inspects whatever came
+        result = {"raised": type(err).__name__, "message": str(err)}
+    result["seconds"] = time.monotonic() - start
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Consistency mode
+
+
+def test_debug_flag_follows_set_debug_and_environment(monkeypatch):
+    try:
+        monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
+        comm.set_debug(None)
+        assert not syncbn.comm.debug_enabled(), "consistency mode must be off by default"
+        monkeypatch.setenv("SYNCBN_DEBUG", "1")
+        comm.set_debug(None)
+        assert comm.debug_enabled(), "SYNCBN_DEBUG=1 must turn consistency mode on"
+        syncbn.set_debug(False)
+        assert not comm.debug_enabled(), "set_debug(False) overrides the environment"
+        monkeypatch.setenv("SYNCBN_DEBUG", "0")
+        comm.set_debug(None)
+        assert not comm.debug_enabled()
+        syncbn.set_debug(True)
+        assert comm.debug_enabled()
+    finally:
+        monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
+        comm.set_debug(None)
+
+
+def _mismatch_rank(rank, world_size, case):
+    """Each rank calls a synchronized layer that disagrees with its peer's in one way."""
+    group = _short_group(world_size)
+    syncbn.set_debug(True)
+    try:
+        torch.manual_seed(rank)
+        if case == "layer":
+            # Same channel count and dtype, different layers: without the check the stats of two
+            # unrelated layers would be silently averaged together.
+            x = torch.randn(3, 4, 5)
+            if rank == 0:
+                call = lambda: syncbn.SyncBatchNorm(4, process_group=group)(x)  # noqa: E731
+            else:
+                call = lambda: syncbn.sync_batch_norm(x, None, None, training=True, process_group=group)  # noqa: E731
+            return _outcome(call)
+        if case == "skipped":
+            # Rank 1 skips the second call of bn1 (a rank-dependent branch): without the check its
+            # bn2 would pair with rank 0's bn1 and rank 0's last call would wait forever.
+            bn1 = syncbn.SyncBatchNorm(4, process_group=group)
+            bn2 = syncbn.SyncBatchNorm(4, process_group=group)
+            x = torch.randn(3, 4)
+
+            def calls():
+                bn1(x)
+                if rank == 0:
+                    bn1(x)
+                bn2(x)
+                bn2(x)
+
+            return _outcome(calls)
+        if case == "channels":
+            # Different packed sizes: without the check Gloo aborts the process.
+            c = 4 if rank == 0 else 6
+            return _outcome(syncbn.SyncBatchNorm(c, process_group=group), torch.randn(3, c, 5))
+        if case == "dtype":
+            dtype = torch.float32 if rank == 0 else torch.float64
+            layer = syncbn.SyncBatchNorm(4, process_group=group, dtype=dtype)
+            return _outcome(layer, torch.randn(3, 4, 5, dtype=dtype))
+        raise AssertionError(case)
+    finally:
+        syncbn.set_debug(None)
+
+
+@pytest.mark.parametrize(
+    "case,differ,rows",
+    [
+        ("layer", "layer", ["rank 0: SyncBatchNorm(4) call 1, 4 channels, torch.float32",
+                            "rank 1: syncbn.sync_batch_norm call 1, 4 channels, torch.float32"]),
+        ("skipped", "call count", ["rank 0: SyncBatchNorm(4) call 2", "rank 1: SyncBatchNorm(4) call 1"]),
+        ("channels", "channel count", ["rank 0: SyncBatchNorm(4) call 1, 4 channels",
+                                       "rank 1: SyncBatchNorm(6) call 1, 6 channels"]),
+        ("dtype", "dtype", ["rank 0: SyncBatchNorm(4) call 1, 4 channels, torch.float32",
+                            "rank 1: SyncBatchNorm(4) call 1, 4 channels, torch.float64"]),
+    ],
+)
+def test_consistency_mode_raises_on_every_rank(case, differ, rows):
+    results = run_on_ranks(2, _mismatch_rank, case, timeout=60)
+    for rank, res in enumerate(results):
+        assert res["raised"] == "ValueError", f"rank {rank}: expected ValueError, got {res}"
+        msg = res["message"]
+        headline = msg.split("\n", 1)[0]
+        assert f"consistency check failed on rank {rank}" in headline and differ in headline, msg
+        for row in rows:
+            assert row in msg, f"rank {rank}: {row!r} missing from:\n{msg}"
+        assert "Make every rank run the same" in msg, msg
+        assert res["seconds"] < SHORT_TIMEOUT_S, f"rank {rank} waited {res['seconds']:.1f}s: a timeout, not the check"
+    tails = [res["message"].split("\n", 1)[1] for res in results]
+    assert tails[0] == tails[1], "every rank must report the same values"
+
+
+def _count_collectives(rank, world_size, debug):
+    """Number of all_gather / all_reduce calls of three training forwards of a model with 2 layers."""
+    calls = {"all_gather": 0, "all_reduce": 0}
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counting(name):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    syncbn.set_debug(debug)
+    model = nn.Sequential(syncbn.SyncBatchNorm(4), syncbn.SyncBatchNorm(4))
+    try:
+        for name in calls:
+            setattr(dist, name, counting(name))
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(2, 4, 3))
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        syncbn.set_debug(None)
+    return calls
+
+
+def test_consistency_mode_is_one_small_collective_and_off_by_default():
+    off, on = run_on_ranks(2, _count_collectives, False)[0], run_on_ranks(2, _count_collectives, True)[0]
+    assert off == {"all_gather": 0, "all_reduce": 6}, f"debug off must add nothing: {off}"
+    assert on == {"all_gather": 6, "all_reduce": 6}, f"debug on: one all_gather per synced call: {on}"
+
+
+def _consistent_parity(rank, world_size):
+    from .parity import check_parity
+
+    syncbn.set_debug(True)
+    try:
+        return check_parity(rank, world_size, sizes=[2, 4], steps=2)
+    finally:
+        syncbn.set_debug(None)
+
+
+def test_consistency_mode_passes_consistent_ranks():
+    run_on_ranks(2, _consistent_parity)
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults: a peer that raises (and stays alive) or exits makes the others fail, not hang.
+
+
+def _peer_raises(rank, world_size):
+    group = _short_group(world_size)
+    bn = syncbn.SyncBatchNorm(4, process_group=group)
+    if rank == 1:
+        # The user's code on rank 1 fails before the layer, and the process lingers (an exception
+        # handler, a data-loader worker keeping it alive): it never joins the all_reduce.
+        return _outcome(lambda: (_ for _ in ()).throw(RuntimeError("data loading failed on rank 1")))
+    return _outcome(bn, torch.randn(3, 4, 5))
+
+
+def test_peer_that_raises_makes_others_fail_within_timeout():
+    survivor, failed = run_on_ranks(2, _peer_raises, timeout=60)
+    assert failed["raised"] == "RuntimeError"
+    assert survivor["raised"] == "RuntimeError", f"rank 0 must fail, not hang or pass: {survivor}"
+    assert survivor["seconds"] < SHORT_TIMEOUT_S + 10, f"rank 0 took {survivor['seconds']:.1f}s"
+    msg = survivor["message"]
+    assert "all_reduce" in msg and "peer rank crashed, exited or skipped" in msg, msg
+
+
+def _exiting_worker(rank, world_size, store_path, out_path):
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S),
+    )
+    bn = syncbn.SyncBatchNorm(4)
+    x = torch.randn(3, 4, 5)
+    bn(x)  # one good step first: the group is up
+    if rank == 1:
+        os._exit(3)  # killed mid-training: no exception, no cleanup
+    res = _outcome(bn, x)
+    with open(out_path, "w") as f:
+        f.write(repr(res))
+    os._exit(0)
+
+
+def test_peer_that_exits_makes_others_fail_within_timeout(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "rank0.txt"
+    procs = [
+        ctx.Process(target=_exiting_worker, args=(r, 2, str(tmp_path / "store"), str(out)))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, "the surviving rank hung"
+    assert procs[1].exitcode == 3
+    assert procs[0].exitcode == 0 and out.exists(), "rank 0 did not report"
+    res = eval(out.read_text())  # noqa: S307 - our own repr of a dict of str/float
+    assert res["raised"] == "RuntimeError", res
+    assert res["seconds"] < SHORT_TIMEOUT_S + 10, res
+    assert "peer rank crashed, exited or skipped" in res["message"], res
