@@ -108,12 +108,12 @@ def exponential_average_factor(
     rate is ``m / (1 - (1 - m)**t)``, which makes the buffers equal the bias-corrected average
     ``r_t / (1 - (1 - m)**t)`` of a zero-initialised EMA ``r_t``.
     """
+    if momentum is not None and not debias:
+        return momentum  # the common case reads no tensor (no device sync on GPU)
     t = int(num_batches_tracked.item())
     if momentum is None:
         return 1.0 / t
-    if debias:
-        return momentum / (1.0 - (1.0 - momentum) ** t)
-    return momentum
+    return momentum / (1.0 - (1.0 - momentum) ** t)
 
 
 def update_running_stats(
