@@ -1,0 +1,204 @@
+"""DDP training step of the example ResNet-18 on CPU processes: SyncBN vs local BN.
+
+Both models train side by side in the same processes, their steps interleaved (A B A B ...), so
+machine drift hits both alike. Reported: median step time of each (slowest rank), the median of
+per-pair ratios, the number of syncbn collectives and their bytes per step, DDP's gradient
+all-reduce calls and bytes per step (via a counting comm hook), the measured all-reduce latency of
+a (2C+1) float64 vector, and the bound the issue sets: local step * 1.05 + 2 latencies per BN layer.
+
+Usage::
+
+    python benchmarks/bench_resnet.py                       # 2 processes, width 32, batch 8 per rank
+    python benchmarks/bench_resnet.py --nproc 2 --width 64 --batch 16 --steps 30 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import syncbn  # noqa: E402
+from examples.models import resnet18  # noqa: E402
+
+
+class _Counter:
+    """Counts calls and bytes of the collectives it wraps."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bytes = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.calls += 1
+        self.bytes += t.numel() * t.element_size()
+
+
+def _counting_ddp_hook(counter: _Counter):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        counter.add(bucket.buffer())
+        return allreduce_hook(state, bucket)
+
+    return hook
+
+
+def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, out_path: str) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+    torch.manual_seed(0)
+    base = resnet18(num_classes=10, in_channels=3, width=args.width)
+    local = base
+    synced = syncbn.convert_sync_bn(resnet18(num_classes=10, in_channels=3, width=args.width))
+    synced.load_state_dict(local.state_dict())
+    n_bn = sum(isinstance(m, syncbn.SyncBatchNorm) for m in synced.modules())
+    channels = [m.num_features for m in synced.modules() if isinstance(m, syncbn.SyncBatchNorm)]
+
+    models, opts, ddp_counters = {}, {}, {}
+    for name, model in (("local BN", local), ("syncbn", synced)):
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        ddp_counters[name] = _Counter()
+        ddp.register_comm_hook(None, _counting_ddp_hook(ddp_counters[name]))
+        models[name] = ddp
+        opts[name] = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+
+    # Count syncbn's own collectives by wrapping the one function every layer calls.
+    sync_counter = _Counter()
+    real_all_reduce = syncbn.comm.all_reduce_sum
+
+    def counting_all_reduce(tensor, group=None):
+        sync_counter.add(tensor)
+        return real_all_reduce(tensor, group)
+
+    syncbn.comm.all_reduce_sum = counting_all_reduce
+
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch, 3, args.image, args.image, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    counted = {}
+    for step in range(args.warmup + args.steps):
+        for name, ddp in models.items():
+            before = (sync_counter.calls, sync_counter.bytes, ddp_counters[name].calls, ddp_counters[name].bytes)
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(ddp(x), y)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step >= args.warmup:
+                times[name].append(elapsed.item())
+            counted[name] = {
+                "syncbn_collectives": sync_counter.calls - before[0],
+                "syncbn_bytes": sync_counter.bytes - before[1],
+                "ddp_allreduces": ddp_counters[name].calls - before[2],
+                "ddp_bytes": ddp_counters[name].bytes - before[3],
+            }
+
+    latencies = []
+    probe = torch.zeros(2 * int(statistics.median(channels)) + 1, dtype=torch.float64)
+    for _ in range(50):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(probe)
+        lat = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(lat, op=dist.ReduceOp.MAX)
+        latencies.append(lat.item())
+    latency = statistics.median(latencies)
+
+    if rank == 0:
+        local_ms = statistics.median(times["local BN"]) * 1e3
+        result = {
+            "world_size": world,
+            "width": args.width,
+            "batch_per_rank": args.batch,
+            "image": args.image,
+            "threads_per_process": args.threads,
+            "bn_layers": n_bn,
+            "allreduce_latency_ms": latency * 1e3,
+            "bound_ms": local_ms * 1.05 + 2 * n_bn * latency * 1e3,
+            "impls": {
+                name: {
+                    "median_step_ms": statistics.median(ts) * 1e3,
+                    "ratio_to_local": statistics.median(
+                        [t / b for t, b in zip(ts, times["local BN"])]
+                    ),
+                    **counted[name],
+                }
+                for name, ts in times.items()
+            },
+        }
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--width", type=int, default=32, help="ResNet-18 base width (64 is the usual)")
+    parser.add_argument("--batch", type=int, default=8, help="samples per process")
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "result.json")
+        procs = [ctx.Process(target=_worker, args=(r, args.nproc, os.path.join(tmp, "store"), args, out_path))
+                 for r in range(args.nproc)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=args.timeout)
+        if any(p.is_alive() or p.exitcode != 0 for p in procs):
+            for p in procs:
+                p.kill()
+            raise RuntimeError("a benchmark process failed or timed out")
+        with open(out_path) as f:
+            result = json.load(f)
+
+    print(f"# ResNet-18 width {result['width']}, {result['batch_per_rank']} x 3x{args.image}x{args.image} per rank, "
+          f"{result['world_size']} CPU processes x {args.threads} thread(s), Gloo, DDP broadcast_buffers=False, "
+          f"{args.steps} interleaved steps")
+    head = f"{'impl':<10} {'step ms':>9} {'x local':>8} {'syncbn coll.':>12} {'syncbn KB':>10} {'DDP AR':>7} {'DDP MB':>8}"
+    print(head)
+    print("-" * len(head))
+    for name, e in result["impls"].items():
+        print(f"{name:<10} {e['median_step_ms']:>9.2f} {e['ratio_to_local']:>8.3f} {e['syncbn_collectives']:>12d} "
+              f"{e['syncbn_bytes'] / 1e3:>10.1f} {e['ddp_allreduces']:>7d} {e['ddp_bytes'] / 1e6:>8.2f}")
+    print(f"BN layers: {result['bn_layers']}; all_reduce latency ({'2C+1'} float64, median C): "
+          f"{result['allreduce_latency_ms']:.3f} ms; bound local*1.05 + 2*layers*latency = {result['bound_ms']:.2f} ms; "
+          f"syncbn {'meets' if result['impls']['syncbn']['median_step_ms'] <= result['bound_ms'] else 'exceeds'} it")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

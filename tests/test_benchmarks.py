@@ -1,0 +1,38 @@
+"""The benchmarks run end to end at tiny sizes, and what they count is what the design promises."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import bench_layer, bench_resnet
+from examples.models import resnet18
+
+
+def test_bench_layer_smoke(tmp_path):
+    out = tmp_path / "layer.json"
+    rows = bench_layer.main(
+        ["--world-sizes", "2", "--shapes", "4x8x5x5", "128x16", "--reps", "2", "--warmup", "1", "--json", str(out)]
+    )
+    assert json.loads(out.read_text())["rows"] == rows
+    assert [r["shape"] for r in rows] == [[4, 8, 5, 5], [128, 16]]
+    for row in rows:
+        ours = row["impls"]["syncbn"]
+        assert ours["median_ms"] > 0 and row["allreduce_latency_ms"] > 0
+        assert ours["saved_bytes_ratio"] <= 1.05, "saved for backward must stay <= 1.05x the input"
+        torch_err = row["impls"]["local BN"]["error_at_mean_1e4"]
+        assert ours["error_at_mean_1e4"] <= 2 * torch_err + 1e-6, (ours, torch_err)
+
+
+def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path):
+    result = bench_resnet.main(["--width", "8", "--batch", "2", "--image", "8", "--steps", "2", "--warmup", "1"])
+    ours, local = result["impls"]["syncbn"], result["impls"]["local BN"]
+    layers = result["bn_layers"]
+    assert layers == 20
+    # One forward all_reduce of 2C+1 float64 values and one backward all_reduce of 2C per layer.
+    assert ours["syncbn_collectives"] == 2 * layers
+    channels = [m.num_features for m in resnet18(width=8).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert ours["syncbn_bytes"] == sum(8 * ((2 * c + 1) + 2 * c) for c in channels)
+    assert local["syncbn_collectives"] == 0
+    assert ours["ddp_bytes"] == local["ddp_bytes"] and ours["ddp_allreduces"] == local["ddp_allreduces"]
