@@ -70,12 +70,18 @@ def _batch_norm(
         return BF.normalize(x, running_mean, running_var, weight, bias, eps)
 
     sync = training and comm.group_size(group) > 1
-    tracking = training and running_mean is not None
+    # Activation checkpointing runs the forward again inside backward: same statistics (and, when
+    # synchronized, the same all_reduce on every rank, since every rank recomputes), but the
+    # running averages, the step counter and the stats sink already took this batch.
+    recompute = training and _in_backward()
+    tracking = training and running_mean is not None and not recompute
     if not sync and renorm is None and stats_sink is None:
         count = x.numel() // x.shape[1] if x.shape[1] else 0
         if count >= min_count:
             factor = _step(momentum, num_batches_tracked, debias) if tracking else 0.0
             # Single process: torch's own fused kernel, so results equal nn.BatchNorm bit for bit.
+            # A recomputation passes factor 0 (buffers unchanged) rather than no buffers, so that it
+            # saves the same tensors as the original forward, as non-reentrant checkpoint checks.
             return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
         mean = var = None
     else:
@@ -109,12 +115,23 @@ def _batch_norm(
     r = d = None
     if renorm is not None and running_mean is not None:
         r, d = BF.renorm_factors(mean, var, running_mean, running_var, eps, *renorm)
-    if stats_sink is not None:
+    if stats_sink is not None and not recompute:
         stats_sink(mean, var, count)
     elif tracking:
         factor = _step(momentum, num_batches_tracked, debias)
         BF.update_running_stats(running_mean, running_var, mean, var, count, factor)
     return SyncNormFunction.apply(x, weight, bias, mean, var, eps, count, group, sync, r, d)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, where a forward is a checkpoint's recomputation.
+
+    False while torch.compile traces: a compiled graph's recomputation replays pure ops only, never
+    the buffer updates, and the query would otherwise break the graph at every layer.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def _step(momentum: Optional[float], num_batches_tracked: Optional[Tensor], debias: bool) -> float:
