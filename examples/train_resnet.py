@@ -85,7 +85,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- model
-def build_model(args: argparse.Namespace, data: Split, info: syncbn.DistInfo, steps_per_epoch: int) -> nn.Module:
+def build_model(args: argparse.Namespace, data: Split, device: torch.device, steps_per_epoch: int) -> nn.Module:
+    """ResNet-18 with the --norm layers, on ``device`` (--norm frozen: see :func:`freeze_measured`)."""
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = resnet18(num_classes=data.num_classes, in_channels=data.in_channels, width=args.width)
     if args.norm == "syncbn":
@@ -100,7 +101,7 @@ def build_model(args: argparse.Namespace, data: Split, info: syncbn.DistInfo, st
         model = syncbn.convert_bn_to_gn(model, num_groups=min(32, args.width))
     elif args.norm == "frozen":
         model = syncbn.convert_sync_bn(model)  # measured with synchronized statistics, then frozen
-    return model.to(info.device)
+    return model.to(device)
 
 
 def freeze_measured(model: nn.Module, loader: DataLoader, device: torch.device) -> nn.Module:
@@ -242,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         )
     total_steps = args.epochs * steps_per_epoch
 
-    model = build_model(args, data, info, steps_per_epoch)
+    model = build_model(args, data, info.device, steps_per_epoch)
     resume_path = resolve_resume(args)
     if args.norm == "frozen" and resume_path is None:
         model = freeze_measured(model, loader, info.device)
@@ -286,6 +287,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     flip = data.name == "cifar10"
     ckpt_path = Path(args.checkpoint_dir) / CHECKPOINT_NAME if args.checkpoint_dir else None
     acc = 0.0
+    last_epoch = start_epoch
     start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -312,6 +314,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             seen += len(y)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         train_time = time.perf_counter() - t0
+        last_epoch = epoch + 1
         loss_sum, seen = all_sum([loss_sum, seen], info)
         if args.norm == "bn":
             broadcast_local_buffers(model, info)
@@ -346,8 +349,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
             log(f"stopping after epoch {epoch + 1} (--stop-after {args.stop_after}); continue with --resume", flush=True)
             break
+    if last_epoch == start_epoch:  # resumed a finished run: nothing trained, still report
+        acc = evaluate(model, data, info)[0] / len(data.y_test)
+    status = "done" if last_epoch >= args.epochs else "stopped"
     log(
-        f"done: held_out_acc={100 * acc:.2f}% epochs={args.epochs} wall={time.perf_counter() - start:.1f}s"
+        f"{status}: held_out_acc={100 * acc:.2f}% epochs={last_epoch}/{args.epochs} "
+        f"wall={time.perf_counter() - start:.1f}s"
         + (f" checkpoint={ckpt_path}" if ckpt_path else ""),
         flush=True,
     )
