@@ -52,8 +52,8 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
         backend = dist.get_backend(group)
         raise RuntimeError(
             f"syncbn: all_reduce of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device} "
-            f"failed on the {backend!r} backend: {err}. If the backend refused the tensor, use one "
-            "that supports this device (NCCL for CUDA tensors, Gloo for CPU tensors). If a peer "
+            f"failed on the {backend!r} backend: {err}. If the backend refused the tensor, use a "
+            "backend that supports this device (NCCL for CUDA tensors, Gloo for CPU tensors). If a peer "
             "rank crashed, exited or skipped this layer (a timeout or closed connection), look at "
             "that rank's log; SYNCBN_DEBUG=1 checks that all ranks call the same layers."
         ) from err

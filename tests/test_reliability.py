@@ -247,3 +247,68 @@ def test_peer_that_exits_makes_others_fail_within_timeout(tmp_path):
     assert res["raised"] == "RuntimeError", res
     assert res["seconds"] < SHORT_TIMEOUT_S + 10, res
     assert "peer rank crashed, exited or skipped" in res["message"], res
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad values and unsupported tensors
+
+
+def _nonfinite_rank(rank, world_size):
+    group = _short_group(world_size)
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(2 * world_size, 3, 4, generator=gen, dtype=torch.float64)
+    full[world_size + 1, 0, 2] = float("nan")  # a NaN in channel 0 and an Inf in channel 1,
+    full[world_size + 1, 1, 0] = float("inf")  # both on the last rank only
+    lo, hi = 2 * rank, 2 * rank + 2
+    ref = nn.BatchNorm1d(3, dtype=torch.float64)
+    dut = syncbn.SyncBatchNorm(3, process_group=group, dtype=torch.float64)
+    start = time.monotonic()
+    y_ref = ref(full)
+    y = dut(full[lo:hi])
+    y.sum().backward()  # the backward all_reduce must not hang on NaN either
+    seconds = time.monotonic() - start
+    for key in ("running_mean", "running_var"):
+        a, e = getattr(dut, key), getattr(ref, key)
+        assert torch.equal(a.isnan(), e.isnan()), f"{key}: NaN at {a.isnan().tolist()}, torch BN at {e.isnan().tolist()}"
+        assert_close(a[2:], e[2:], 1e-9, f"{key} of the finite channel")
+    assert torch.equal(y.isnan(), y_ref[lo:hi].isnan()), "output NaN pattern differs from torch BN"
+    assert_close(y[:, 2], y_ref[lo:hi, 2], 1e-9, "output of the finite channel")
+    return {
+        "finite_mean": dut.running_mean.isfinite().tolist(),
+        "nan_var": dut.running_var.isnan().tolist(),
+        "seconds": seconds,
+    }
+
+
+def test_nan_and_inf_on_one_rank_give_nan_statistics_on_every_rank():
+    results = run_on_ranks(2, _nonfinite_rank, timeout=60)
+    for rank, res in enumerate(results):
+        # Channel 0 (NaN) and 1 (Inf: mean Inf, variance Inf - Inf = NaN) go non-finite on every
+        # rank, as in torch BN; channel 2 stays finite.
+        assert res["finite_mean"] == [False, False, True], f"rank {rank}: {res}"
+        assert res["nan_var"] == [True, True, False], f"rank {rank}: {res}"
+        assert res["seconds"] < SHORT_TIMEOUT_S, f"rank {rank} took {res['seconds']:.1f}s"
+
+
+def _unsupported_device_rank(rank, world_size, debug):
+    # A group whose backend serves CUDA tensors only, fed CPU tensors: the situation of a CPU model
+    # on an NCCL group, reproducible without a GPU.
+    group = dist.new_group(
+        list(range(world_size)), backend="cuda:gloo", timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S)
+    )
+    syncbn.set_debug(debug)
+    try:
+        return _outcome(syncbn.SyncBatchNorm(4, process_group=group), torch.randn(3, 4, 5))
+    finally:
+        syncbn.set_debug(None)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "consistency-mode"])
+def test_device_the_group_cannot_reduce_gives_clear_error(debug):
+    for rank, res in enumerate(run_on_ranks(2, _unsupported_device_rank, debug, timeout=60)):
+        assert res["raised"] == "RuntimeError", f"rank {rank}: {res}"
+        msg = res["message"]
+        for part in ("cpu", "'cuda:gloo'", "No backend type associated with device type cpu",
+                     "use a backend that supports"):
+            assert part in msg, f"rank {rank}: {part!r} missing from: {msg}"
+        assert res["seconds"] < SHORT_TIMEOUT_S, f"rank {rank} waited {res['seconds']:.1f}s"
