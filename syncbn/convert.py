@@ -257,7 +257,7 @@ def freeze_bn(module: nn.Module) -> nn.Module:
     def replace(m: nn.Module) -> nn.Module:
         if not isinstance(m, _BatchNorm):
             return m
-        frozen = FrozenBatchNorm(m.num_features, m.eps, **_factory_kwargs(m))
+        frozen = FrozenBatchNorm(m.num_features, m.eps, m.affine, **_factory_kwargs(m))
         if m.affine:
             frozen.weight = m.weight.detach()
             frozen.bias = m.bias.detach()
@@ -279,7 +279,7 @@ def unfreeze_bn(module: nn.Module) -> nn.Module:
     A layer made by :func:`freeze_bn` becomes its original layer again: the same class, options
     and Parameter objects (so an optimizer built before freezing stays valid, with the original
     ``requires_grad``), holding the frozen layer's current values and training flag. A
-    :class:`FrozenBatchNorm` built directly becomes an affine :class:`BatchNormNd`.
+    :class:`FrozenBatchNorm` built directly becomes a :class:`BatchNormNd` with the same ``affine``.
 
     Example::
 
@@ -291,7 +291,8 @@ def unfreeze_bn(module: nn.Module) -> nn.Module:
             return m
         original = m.__dict__.get("_syncbn_unfrozen")
         if original is None:
-            original = BatchNormNd(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype)
+            kw = {"device": m.running_mean.device, "dtype": m.running_mean.dtype}
+            original = BatchNormNd(m.num_features, m.eps, affine=m.affine, **kw)
         if original.affine:
             original.weight.data = m.weight
             original.bias.data = m.bias

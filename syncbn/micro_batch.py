@@ -200,8 +200,8 @@ class FrozenBatchNorm(nn.Module):
 
         y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
 
-    with ``running_mean`` (mu), ``running_var`` (sigma^2), ``weight`` (gamma) and ``bias`` (beta)
-    all buffers: nothing is learnt or updated, training and eval compute the same thing, and it
+    with ``running_mean`` (mu), ``running_var`` (sigma^2), ``weight`` (gamma) and ``bias`` (beta;
+    absent, i.e. 1 and 0, with ``affine=False``) all buffers: nothing is learnt or updated, training and eval compute the same thing, and it
     never communicates. Gradients flow to the input only. The output equals a batch norm's eval
     output with the same values. For fine-tuning with tiny batches and for transfer learning
     (detectron2's ``FrozenBatchNorm2d``). :func:`syncbn.freeze_bn` builds these from a model's batch
@@ -214,6 +214,8 @@ class FrozenBatchNorm(nn.Module):
     Args:
         num_features: ``C``, the number of channels.
         eps: added to the variance. Default: 1e-5.
+        affine: hold ``weight`` and ``bias`` buffers (as a batch norm with ``affine=True`` has
+            parameters). Default: True.
         device, dtype: factory kwargs for the buffers.
 
     Shape:
@@ -228,14 +230,20 @@ class FrozenBatchNorm(nn.Module):
     """
 
     def __init__(
-        self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Optional[torch.dtype] = None
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features, **kw))
-        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.affine = affine
+        self.register_buffer("weight", torch.ones(num_features, **kw) if affine else None)
+        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine else None)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -249,7 +257,7 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
     def forward(self, input: Tensor) -> Tensor:
         _check_input(f"FrozenBatchNorm({self.num_features})", input, self.num_features)
