@@ -4,6 +4,9 @@ from .batchnorm import SyncBatchNorm, sync_batch_norm
 from .comm import new_sync_groups
 from .comm import set_debug
 from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
+from .convert import convert_bn_to_gn, freeze_bn, unfreeze_bn
+from .micro_batch import FrozenBatchNorm, accumulate_bn_stats, recompute_bn_stats
+from .renorm import RenormSchedule, SyncBatchRenorm
 from .distributed import DistInfo, cleanup, init_distributed
 
 __version__ = "0.1.0"
@@ -16,6 +19,14 @@ __all__ = [
     "convert_sync_bn",
     "revert_sync_bn",
     "BatchNormNd",
+    "SyncBatchRenorm",
+    "RenormSchedule",
+    "accumulate_bn_stats",
+    "recompute_bn_stats",
+    "FrozenBatchNorm",
+    "freeze_bn",
+    "unfreeze_bn",
+    "convert_bn_to_gn",
     "init_distributed",
     "cleanup",
     "DistInfo",
