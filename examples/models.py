@@ -104,10 +104,13 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn
 class SmallConvNet(nn.Module):
     """A three-layer conv net with BatchNorm2d after each convolution, for quick studies on 8x8 digits.
 
-    conv(3x3)-BN-ReLU x2, stride-2 conv-BN-ReLU, global average pool, linear head.
+    conv(3x3)-BN-ReLU x2, stride-2 conv-BN-ReLU, global average pool, then a linear head, or with
+    ``hidden > 0`` an MLP head Linear-BatchNorm1d-ReLU-Linear. The BatchNorm1d sees one value per
+    sample and channel (like the 1x1 maps at the end of a ResNet on small images, or the projection
+    heads of contrastive learning), so it is where tiny per-device batches hurt most.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, hidden: int = 0) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
@@ -121,7 +124,15 @@ class SmallConvNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1),
         )
-        self.fc = nn.Linear(2 * width, num_classes)
+        if hidden > 0:
+            self.fc: nn.Module = nn.Sequential(
+                nn.Linear(2 * width, hidden, bias=False),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden, num_classes),
+            )
+        else:
+            self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), 1))

@@ -4,7 +4,11 @@
 
 Every variant starts from the same weights and sees the same global batches of 8 digits per step
 (the union of the 4 ranks' batches of 2 is exactly the reference's batch of 8), without
-augmentation, so the only difference is how the normalization layers compute their statistics:
+augmentation, so the only difference is how the normalization layers compute their statistics.
+The default model is a 3-conv net whose head has a BatchNorm1d (one value per sample and channel,
+like the 1x1 maps at the end of a ResNet on small images): with 2 samples a local BN there
+normalizes every feature to about +-1, the case that hurts most.
+
 
   bn            local BatchNorm2d: each rank normalizes with its own 2 samples (DDP's default)
   syncbn        syncbn.SyncBatchNorm: statistics of all 8 samples of the step
@@ -57,8 +61,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="samples per process and step (default: 2)")
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--model", choices=("small", "resnet18"), default="small",
-                   help="small: 3-conv net (fast); resnet18: the CIFAR ResNet-18 at --width")
+                   help="small: 3-conv net with a BatchNorm1d head (fast); resnet18: the CIFAR ResNet-18 at --width")
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=64,
+                   help="small net: width of its Linear-BatchNorm1d-ReLU head (0: a plain linear head)")
     p.add_argument("--gn-groups", type=int, default=8)
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def make_model(args: argparse.Namespace, variant: str, data: Split) -> nn.Module:
     torch.manual_seed(args.seed)  # identical initial weights for every variant and rank
     if args.model == "small":
-        model: nn.Module = SmallConvNet(data.num_classes, data.in_channels, args.width)
+        model: nn.Module = SmallConvNet(data.num_classes, data.in_channels, args.width, hidden=args.hidden)
     else:
         model = resnet18(data.num_classes, data.in_channels, args.width)
     if variant == "syncbn":

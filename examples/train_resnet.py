@@ -45,7 +45,7 @@ from examples.models import resnet18  # noqa: E402
 NORMS = ("bn", "syncbn", "renorm", "gn", "frozen")
 CHECKPOINT_NAME = "last.pt"
 # Run settings a checkpoint must share with the run that resumes it.
-_MUST_MATCH = ("norm", "dataset", "width", "seed", "lr", "epochs", "weight_decay")
+_MUST_MATCH = ("norm", "dataset", "width", "seed", "lr", "epochs", "weight_decay", "limit_train")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -59,6 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--width", type=int, default=32, help="ResNet-18 base width; 64 is the standard model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="train on the first N training images only (quick tries)")
     p.add_argument("--checkpoint-dir", default=None, help="write last.pt here after every epoch")
     p.add_argument(
         "--resume",
@@ -230,6 +232,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
 
     data = load_dataset(args.dataset, args.data_dir)
+    if args.limit_train is not None:
+        data = data._replace(x_train=data.x_train[: args.limit_train], y_train=data.y_train[: args.limit_train])
     train_set = TensorDataset(data.x_train, data.y_train)
     # Per-epoch shuffling through set_epoch; every rank gets len/world samples (padded by repeats).
     sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=args.seed)

@@ -66,8 +66,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     state = accelerator.state
     backend = state.backend if state.num_processes > 1 else "none"
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # not "cpu:0"
     accelerator.print(
-        f"world_size={accelerator.num_processes} backend={backend} device={accelerator.device} "
+        f"world_size={accelerator.num_processes} backend={backend} device={device} "
         f"norm={args.norm} batch_per_rank={args.batch_size}",
         flush=True,
     )
