@@ -27,6 +27,9 @@ def _check_input(name: str, x: Tensor, num_features: int) -> None:
             f"{name}: expected input of shape (N, {num_features}, *) with at least 2 dims, "
             f"got {tuple(x.shape)}"
         )
+    if not x.is_floating_point():
+        # Checked on every rank, also on an empty batch, so that no rank enters the collective alone.
+        raise ValueError(f"{name}: expected a floating-point input, got {x.dtype}; convert it with .float()")
 
 
 def _check_options(name: str, min_count: int, fallback: str) -> None:
@@ -275,6 +278,16 @@ class SyncBatchNorm(_BatchNorm):
         # updating the running averages; None in normal use.
         self.stats_sink: Optional[StatsSink] = None
         _check_options(self._layer_name(), min_count, fallback)
+
+    @property
+    def process_group(self) -> Optional[comm.ProcessGroup]:
+        """The group whose ranks share statistics (None: the default group)."""
+        return self._group_ref.value
+
+    @process_group.setter
+    def process_group(self, group: Optional[comm.ProcessGroup]) -> None:
+        # Held through a GroupRef so that copy.deepcopy (EMA models) and pickling keep working.
+        self._group_ref = comm.GroupRef(group)
 
     def _layer_name(self) -> str:
         return f"{type(self).__name__}({self.num_features})"

@@ -31,6 +31,27 @@ else:  # pragma: no cover - builds of torch without distributed support
     ProcessGroup = object  # type: ignore[misc,assignment]
 
 
+class GroupRef:
+    """Holds a process group on a module so that ``copy.deepcopy`` and pickling still work.
+
+    torch's ProcessGroup objects can be neither deep-copied nor pickled, which breaks EMA copies
+    (``copy.deepcopy(model)``) of a model converted with an explicit group. A deep copy shares the
+    group (the copy syncs over the same ranks); a pickled layer comes back with ``None`` (the
+    default group), since a group is only meaningful inside the processes that created it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Optional[ProcessGroup] = None) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> "GroupRef":
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (GroupRef, (None,))
+
+
 def group_size(group: Optional[ProcessGroup] = None) -> int:
     """Number of ranks in ``group`` (the default group when None); 1 when no group is initialized."""
     if not (dist.is_available() and dist.is_initialized()):

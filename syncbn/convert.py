@@ -183,7 +183,7 @@ def convert_sync_bn(
                 **_factory_kwargs(m),
             )
         new._syncbn_original_class = type(m)
-        new._syncbn_original_process_group = getattr(m, "process_group", None)
+        new._syncbn_original_group = comm.GroupRef(getattr(m, "process_group", None))
         return _carry_state(m, new)
 
     return _map_modules(module, replace)
@@ -208,7 +208,7 @@ def revert_sync_bn(module: nn.Module) -> nn.Module:
         cls = getattr(m, "_syncbn_original_class", BatchNormNd)
         args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         if cls is nn.SyncBatchNorm:
-            args += (getattr(m, "_syncbn_original_process_group", None),)
+            args += (getattr(m, "_syncbn_original_group", comm.GroupRef()).value,)
         return _carry_state(m, cls(*args, **_factory_kwargs(m)))
 
     return _map_modules(module, replace)

@@ -327,3 +327,30 @@ def test_saved_for_backward_is_input_plus_vectors():
         SyncNormFunction.apply(x, weight, None, mean, var, 1e-5, count, None, False, None, None)
     nbytes = sum(t.numel() * t.element_size() for t in saved)
     assert nbytes <= 1.05 * x.numel() * x.element_size(), f"saved {nbytes} bytes for a {x.numel() * 4}-byte input"
+
+
+def _deepcopy_with_group(rank, world_size):
+    import copy
+    import pickle
+
+    group = syncbn.new_sync_groups(world_size)
+    model = syncbn.convert_sync_bn(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)), process_group=group)
+    ema = copy.deepcopy(model)  # what EMA helpers do; torch's ProcessGroup itself cannot be copied
+    assert ema[1].process_group is group and ema[1].weight is not model[1].weight
+    ema(torch.randn(2, 2, 3, 3) + rank)
+    stats = ema[1].running_mean.clone()
+    gathered = [torch.empty_like(stats) for _ in range(world_size)]
+    dist.all_gather(gathered, stats)
+    assert torch.equal(gathered[0], gathered[1]), "the copy must still sync over the group"
+    restored = pickle.loads(pickle.dumps(model[1]))
+    assert restored.process_group is None  # a group only means something in the processes that made it
+
+
+def test_deepcopy_and_pickle_with_explicit_group():
+    run_on_ranks(2, _deepcopy_with_group)
+
+
+def test_integer_input_rejected_before_any_collective():
+    bn = syncbn.SyncBatchNorm(3)
+    with pytest.raises(ValueError, match=r"SyncBatchNorm\(3\): expected a floating-point input, got torch.int64"):
+        bn(torch.zeros(0, 3, 2, dtype=torch.long))
