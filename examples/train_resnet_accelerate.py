@@ -44,6 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--width", type=int, default=32, help="ResNet-18 base width; 64 is the standard model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="train on the first N training images only (quick tries)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is visible")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "width"):
@@ -75,6 +77,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     set_seed(args.seed)  # same initial weights everywhere
 
     data = load_dataset(args.dataset, args.data_dir)
+    if args.limit_train is not None:
+        data = data._replace(x_train=data.x_train[: args.limit_train], y_train=data.y_train[: args.limit_train])
     train_loader = DataLoader(
         TensorDataset(data.x_train, data.y_train), batch_size=args.batch_size, shuffle=True, drop_last=True
     )
