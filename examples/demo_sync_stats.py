@@ -1,14 +1,14 @@
 """Show what synchronized BN changes: per-rank statistics vs the group's statistics.
 
 Run with 2 CPU processes:
-    torchrun --standalone --nproc-per-node=2 examples/demo_sync_stats.py
+    bash launch/torchrun.sh examples/demo_sync_stats.py
 or as plain `python examples/demo_sync_stats.py` (one process: local and synced agree).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,16 +16,13 @@ import torch.distributed as dist
 import syncbn
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-per-rank", type=int, default=2)
     parser.add_argument("--channels", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world, _, _ = syncbn.init_distributed(device="cpu")
 
     torch.manual_seed(rank)
     # Each rank sees a shifted slice of the data, as happens with small, non-i.i.d. per-device batches.
@@ -36,12 +33,12 @@ def main() -> None:
     synced(x)
     for name, bn in (("local BN ", local), ("SyncBN   ", synced)):
         line = f"rank {rank}/{world} {name} running_mean={bn.running_mean.tolist()}"
-        print(line, flush=True)
+        print(line + "\n", end="", flush=True)  # one write, so the ranks' lines do not interleave
     if dist.is_initialized():
         dist.barrier()
         if rank == 0:
             print("SyncBN's running statistics are identical on every rank; local BN's are not.")
-        dist.destroy_process_group()
+    syncbn.cleanup()
 
 
 if __name__ == "__main__":

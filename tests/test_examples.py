@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples import bn_mechanics, train_resnet
+from examples import bn_mechanics, demo_sync_stats, train_resnet
 from examples.models import SmallConvNet, resnet18
 
 from .launch_util import REPO, base_env, run
@@ -143,3 +143,11 @@ def test_bn_mechanics_claims_hold(capsys: pytest.CaptureFixture) -> None:
     assert bn_mechanics.main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| claim | measured | holds |") and f"{len(rows)}/{len(rows)} claims hold" in out
+
+
+def test_demo_sync_stats_single_process(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    demo_sync_stats.main([])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("rank 0/1 local BN  running_mean=")
+    assert out[0].split("=")[1] == out[1].split("=")[1]  # one process: local and synced agree
