@@ -8,7 +8,9 @@
 #   NPROC   processes on this node (default: number of visible GPUs, or 2 without a GPU)
 #   PYTHON  interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
 #   OMP_NUM_THREADS  threads per process (default 1: N processes share the cores)
-# Rendezvous is --standalone: a store on localhost with a free port, so runs never collide.
+# Rendezvous is --standalone: a store on a free port, so runs never collide; the workers reach it
+# through localhost. (torch's TCPStore itself listens on every interface of that port; torch has no
+# option to narrow it, so on a shared network keep high ports firewalled.)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 syncbn_require_script "$@"
