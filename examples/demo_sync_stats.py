@@ -16,6 +16,9 @@ import torch.distributed as dist
 import syncbn
 
 
+__all__ = ["main"]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-per-rank", type=int, default=2)

@@ -43,6 +43,8 @@ from examples.data import Split, load_dataset  # noqa: E402
 from examples.models import SmallConvNet, resnet18  # noqa: E402
 from examples.train_resnet import no_buffer_sync_kwargs  # noqa: E402
 
+__all__ = ["main", "VARIANTS"]
+
 VARIANTS = ("bn", "syncbn", "renorm", "gn", "reference_b8")
 LABELS = {
     "bn": "local BN, 4x2",

@@ -42,6 +42,10 @@ import syncbn  # noqa: E402
 from examples.data import DATASETS, Split, augment, load_dataset  # noqa: E402
 from examples.models import resnet18  # noqa: E402
 
+__all__ = [
+    "main", "parse_args", "build_model", "freeze_measured", "learning_rate", "no_buffer_sync_kwargs", "NORMS",
+]
+
 NORMS = ("bn", "syncbn", "renorm", "gn", "frozen")
 CHECKPOINT_NAME = "last.pt"
 # Run settings a checkpoint must share with the run that resumes it.

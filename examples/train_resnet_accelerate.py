@@ -33,6 +33,9 @@ from examples.data import DATASETS, augment, load_dataset  # noqa: E402
 from examples.train_resnet import NORMS, build_model, freeze_measured, learning_rate  # noqa: E402
 
 
+__all__ = ["main"]
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--norm", choices=NORMS, default="syncbn")
