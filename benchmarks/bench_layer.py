@@ -7,7 +7,9 @@ drift hits all alike; each timed step is the slowest rank's time (what the job w
 Reported per shape and world size:
 - median time of a forward+backward step, and the median of per-pair ratios to local BN;
 - the measured all_reduce latency of a (2C+1) float64 vector and the resulting floor
-  ``(local + 2 * latency) / local`` that no synchronized layer can beat;
+  ``(local + 2 * latency) / local`` that no synchronized layer can beat; and syncbn's own
+  all_reduce calls timed in place during its steps ("AR@step": latency plus waiting for the
+  slowest rank), which splits its time into compute and communication;
 - bytes saved for backward relative to the input (``saved_tensors_hooks``);
 - output error against a float64 reference at |mean|/std = 1e4 (float32 input); the "local BN"
   row's error is torch's fp32 BatchNorm on the whole concatenated batch (the yardstick).
@@ -58,11 +60,28 @@ class _As4d(nn.Module):
         return self.layer(x.reshape(x.shape[0], x.shape[1], -1, 1)).reshape(x.shape)
 
 
+class _DebugMode(nn.Module):
+    """Runs a syncbn layer's forward with consistency mode (``syncbn.set_debug``) on."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        syncbn.set_debug(True)
+        try:
+            return self.layer(x)
+        finally:
+            syncbn.set_debug(False)
+
+
 def _implementations(world: int, device: torch.device) -> dict[str, Callable[[tuple], nn.Module]]:
     impls: dict[str, Callable[[tuple], nn.Module]] = {
         "local BN": lambda s: _local_bn(s),
         "syncbn": lambda s: syncbn.SyncBatchNorm(s[1]),
     }
+    if world > 1:
+        impls["syncbn dbg"] = lambda s: _DebugMode(syncbn.SyncBatchNorm(s[1]))
     try:
         from fairscale.experimental.nn import SyncBatchNorm as FairscaleSyncBN
 
@@ -148,11 +167,23 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank)
-    if world > 1 or args.group_for_single:
+    if world > 1 or args.group_for_single or device.type == "cuda":
         store = dist.FileStore(store_path, world)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=300))
     impls = _implementations(world, device)
+    # Time syncbn's own all_reduce calls where they happen (waiting for the slowest peer included),
+    # to split its step time into compute and communication.
+    waits: list[float] = []
+    real_all_reduce = syncbn.comm.all_reduce_sum
+
+    def timed_all_reduce(tensor, group=None):
+        t0 = time.perf_counter()
+        out = real_all_reduce(tensor, group)
+        waits.append(time.perf_counter() - t0)
+        return out
+
+    syncbn.comm.all_reduce_sum = timed_all_reduce
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -165,6 +196,7 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
             grad = torch.randn_like(x)
             layers = {name: make(shape).to(device) for name, make in impls.items()}
             times: dict[str, list[float]] = {name: [] for name in layers}
+            waits.clear()  # filled by the syncbn rows (with and without consistency mode)
             for rep in range(args.warmup + args.reps):
                 for name, layer in layers.items():
                     t = _slowest(_time_step(layer, x, grad, device), device)
@@ -179,6 +211,8 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
                 "dtype": dtype_name,
                 "channels_last": bool(args.channels_last and x.dim() == 4),
                 "allreduce_latency_ms": latency * 1e3,
+                # syncbn's all_reduce calls timed in place: latency plus waiting for the slowest rank.
+                "syncbn_allreduce_in_step_ms": statistics.median(waits) * 1e3 if waits else 0.0,
                 "limit_ratio": (local + 2 * latency) / local,
                 "impls": {},
             }
@@ -199,6 +233,8 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
         with open(out_path, "w") as f:
             json.dump(rows, f)
     if dist.is_initialized():
+        # Leave together: a rank tearing Gloo down while a peer still talks to it can abort.
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -225,7 +261,7 @@ def _spawn_world(world: int, args: argparse.Namespace) -> list[dict]:
 def _print_table(rows: list[dict]) -> None:
     head = (
         f"{'W':>2} {'shape':<18} {'dtype':<8} {'impl':<10} {'median ms':>10} {'x local':>8} "
-        f"{'limit x':>8} {'AR ms':>7} {'saved/in':>8} {'err@1e4':>9}"
+        f"{'limit x':>8} {'AR ms':>7} {'AR@step':>7} {'saved/in':>8} {'err@1e4':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -236,6 +272,7 @@ def _print_table(rows: list[dict]) -> None:
             print(
                 f"{row['world_size']:>2} {shape:<18} {row['dtype']:<8} {name:<10} {e['median_ms']:>10.3f} "
                 f"{e['ratio_to_local']:>8.3f} {row['limit_ratio']:>8.3f} {row['allreduce_latency_ms']:>7.3f} "
+                f"{row['syncbn_allreduce_in_step_ms']:>7.3f} "
                 f"{e['saved_bytes_ratio']:>8.3f} {'' if err is None else f'{err:.2e}':>9}"
             )
 
