@@ -14,6 +14,7 @@
 #   NPROC        processes per node (default: number of visible GPUs, or 2 without a GPU)
 #   RDZV_ID      job id shared by all nodes (default syncbn-$MASTER_PORT)
 #   PYTHON       interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
+#   MAX_RESTARTS restart all workers up to this many times after a failure (default 0)
 # Uses torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT. torch's rendezvous store on node 0
 # listens on every interface of that port (torch offers no bind address): keep the port firewalled
 # to the cluster network. For Gloo across machines set GLOO_SOCKET_IFNAME (e.g. eth0), for NCCL
@@ -34,8 +35,12 @@ fi
 # Node 0 hosts the store: say so instead of letting torch guess from host names.
 if [ "$NODE_RANK" -eq 0 ]; then IS_HOST=true; else IS_HOST=false; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Restarted Gloo workers must not read a dead worker's address from torchrun's shared store
+# ("Gloo connectFullMesh failed", pytorch/pytorch#135712): give each round its own store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 exec "$PYTHON" -m torch.distributed.run \
-  --nnodes="$NNODES" --nproc-per-node="$NPROC" \
+  --nnodes="$NNODES" --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
   --rdzv-conf="is_host=$IS_HOST" \
   "$@"

@@ -8,6 +8,8 @@
 #   NPROC   processes on this node (default: number of visible GPUs, or 2 without a GPU)
 #   PYTHON  interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
 #   OMP_NUM_THREADS  threads per process (default 1: N processes share the cores)
+#   MAX_RESTARTS     restart all workers up to this many times after a failure (default 0);
+#                    pair it with --checkpoint-dir DIR --resume in examples/train_resnet.py
 # Rendezvous is --standalone: a store on a free port, so runs never collide; the workers reach it
 # through localhost. (torch's TCPStore itself listens on every interface of that port; torch has no
 # option to narrow it, so on a shared network keep high ports firewalled.)
@@ -16,4 +18,8 @@ set -euo pipefail
 syncbn_require_script "$@"
 NPROC=${NPROC:-$(syncbn_default_nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" "$@"
+# Restarted Gloo workers must not read a dead worker's address from torchrun's shared store
+# ("Gloo connectFullMesh failed", pytorch/pytorch#135712): give each round its own store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" "$@"

@@ -1,4 +1,4 @@
-"""Elastic restart: torchrun --max-restarts=1 survives a worker SIGKILLed mid-training.
+"""Elastic restart: ``MAX_RESTARTS=1 launch/torchrun.sh`` survives a worker SIGKILLed mid-training.
 
 Two torchrun jobs of ``examples/train_resnet.py`` (2 CPU processes, Gloo, SyncBatchNorm) run side
 by side: one uninterrupted, one through ``tests/elastic_worker.py``, which SIGKILLs rank 1 in the
@@ -9,7 +9,7 @@ optimizer state.
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: since torch 2.5 torchrun lets the workers' process group
 share its rendezvous store across restarts, and a restarted Gloo group can then read a dead
 worker's address ("Gloo connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712).
-Without the variable this test fails for that reason on torch 2.13.
+Without the variable this test fails for that reason on torch 2.13; ``launch/torchrun.sh`` sets it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ ARGS = ["--dataset", "synthetic", "--epochs", "2", "--batch-size", "128", "--wid
 
 
 def _torchrun(script: Path, ckpt_dir: Path, log: Path, env: dict, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "--max-restarts=1", str(script), *ARGS, "--checkpoint-dir", str(ckpt_dir), *extra,
-    ]
+    # Through the launch script, which sets --max-restarts from MAX_RESTARTS and exports
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 itself (the environment here does not).
+    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(script), *ARGS, "--checkpoint-dir", str(ckpt_dir), *extra]
+    env = dict(env, NPROC="2", MAX_RESTARTS="1", PYTHON=sys.executable)
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -62,9 +63,8 @@ def _tensors(obj, prefix=""):
     return out
 
 
-@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/train_resnet.py is not in this checkout")
 def test_worker_killed_mid_training_resumes_to_identical_parameters(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     plain_dir, killed_dir = tmp_path / "plain", tmp_path / "killed"
     kill_env = dict(env, SYNCBN_KILL_RANK="1", SYNCBN_KILL_AFTER=str(killed_dir / "last.pt"))
     plain = _torchrun(EXAMPLE, plain_dir, tmp_path / "plain.log", env)
