@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import timedelta
 from typing import Callable, Optional
@@ -39,6 +37,11 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
+
+try:
+    from ._spawn import run_processes
+except ImportError:  # run as a script: python benchmarks/bench_layer.py
+    from _spawn import run_processes
 
 SHAPES = [(16, 64, 56, 56), (16, 256, 14, 14), (64, 512, 7, 7), (256, 1024)]
 
@@ -238,26 +241,6 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
         dist.destroy_process_group()
 
 
-def _spawn_world(world: int, args: argparse.Namespace) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "rows.json")
-        procs = [
-            ctx.Process(target=_run_world, args=(r, world, os.path.join(tmp, "store"), args, out_path))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=args.timeout)
-        if any(p.is_alive() or p.exitcode != 0 for p in procs):
-            for p in procs:
-                p.kill()
-            raise RuntimeError(f"world size {world}: a benchmark process failed or timed out")
-        with open(out_path) as f:
-            return json.load(f)
-
-
 def _print_table(rows: list[dict]) -> None:
     head = (
         f"{'W':>2} {'shape':<18} {'dtype':<8} {'impl':<10} {'median ms':>10} {'x local':>8} "
@@ -296,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     rows: list[dict] = []
     for world in args.world_sizes:
-        rows += _spawn_world(world, args)
+        rows += run_processes(_run_world, world, args, args.timeout)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"device {args.device}, {args.threads} thread(s) per process, {args.reps} interleaved reps")
     _print_table(rows)

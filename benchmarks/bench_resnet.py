@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from typing import Optional
@@ -36,6 +34,11 @@ if ROOT not in sys.path:
 
 import syncbn  # noqa: E402
 from examples.models import resnet18  # noqa: E402
+
+try:
+    from ._spawn import run_processes
+except ImportError:  # run as a script: python benchmarks/bench_resnet.py
+    from _spawn import run_processes
 
 
 class _Counter:
@@ -182,21 +185,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="give syncbn its own process group instead of DDP's default one")
     args = parser.parse_args(argv)
 
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "result.json")
-        procs = [ctx.Process(target=_worker, args=(r, args.nproc, os.path.join(tmp, "store"), args, out_path))
-                 for r in range(args.nproc)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=args.timeout)
-        if any(p.is_alive() or p.exitcode != 0 for p in procs):
-            for p in procs:
-                p.kill()
-            raise RuntimeError("a benchmark process failed or timed out")
-        with open(out_path) as f:
-            result = json.load(f)
+    result = run_processes(_worker, args.nproc, args, args.timeout)
 
     print(f"# ResNet-18 width {result['width']}, {result['batch_per_rank']} x 3x{args.image}x{args.image} per rank, "
           f"{result['world_size']} CPU processes x {args.threads} thread(s), Gloo, DDP broadcast_buffers=False, "

@@ -320,5 +320,10 @@ class SyncBatchNorm(_BatchNorm):
             min_count=self.min_count,
             fallback=self.fallback,
             debias=self.debias,
+            renorm=self._renorm_limits(),
             stats_sink=self.stats_sink,
         )
+
+    def _renorm_limits(self) -> Optional[tuple[float, float]]:
+        """Batch Renormalization's ``(r_max, d_max)`` for this call; None for plain batch norm."""
+        return None

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
 
 from . import comm
-from .batchnorm import SyncBatchNorm, _batch_norm
+from .batchnorm import SyncBatchNorm
 
 __all__ = ["SyncBatchRenorm", "RenormSchedule"]
 
@@ -186,23 +185,5 @@ class SyncBatchRenorm(SyncBatchNorm):
             extra += f", schedule={self.schedule!r}"
         return extra
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        return _batch_norm(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.weight,
-            self.bias,
-            training=self.training,
-            momentum=self.momentum,
-            eps=self.eps,
-            group=self.process_group,
-            name=self._layer_name(),
-            min_count=self.min_count,
-            fallback=self.fallback,
-            debias=self.debias,
-            renorm=self.current_limits() if self.training else None,
-            stats_sink=self.stats_sink,
-        )
+    def _renorm_limits(self) -> Optional[tuple[float, float]]:
+        return self.current_limits() if self.training else None
