@@ -150,6 +150,8 @@ def _count_collectives(rank, world_size, debug):
         return wrapper
 
     syncbn.set_debug(debug)
+    # Count torch.distributed calls: keep the statistics on Gloo rather than shared memory.
+    syncbn.comm.set_shared_memory(False)
     model = nn.Sequential(syncbn.SyncBatchNorm(4), syncbn.SyncBatchNorm(4))
     try:
         for name in calls:
@@ -161,6 +163,7 @@ def _count_collectives(rank, world_size, debug):
         for name, fn in originals.items():
             setattr(dist, name, fn)
         syncbn.set_debug(None)
+        syncbn.comm.set_shared_memory(True)
     return calls
 
 
