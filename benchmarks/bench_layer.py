@@ -6,7 +6,9 @@ drift hits all alike; each timed step is the slowest rank's time (what the job w
 
 Reported per shape and world size:
 - median time of a forward+backward step, and the median of per-pair ratios to local BN;
-- the measured all_reduce latency of a (2C+1) float64 vector and the resulting floor
+- the measured latency of syncbn's all_reduce of a (2C+1) float64 vector (shared memory between
+  ranks of one machine, else torch.distributed; torch.distributed's own goes to the JSON) and the
+  resulting floor
   ``(local + 2 * latency) / local`` that no synchronized layer can beat; and syncbn's own
   all_reduce calls timed in place during its steps ("AR@step": latency plus waiting for the
   slowest rank), which splits its time into compute and communication;
@@ -120,7 +122,8 @@ def _time_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: to
     return time.perf_counter() - t0
 
 
-def _allreduce_latency(numel: int, reps: int, device: torch.device) -> float:
+def _allreduce_latency(numel: int, reps: int, device: torch.device, reduce: Callable[[torch.Tensor], object]) -> float:
+    """Median time of ``reduce`` on a ``numel`` float64 vector, every rank starting together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return 0.0
     t = torch.zeros(numel, dtype=torch.float64, device=device)
@@ -129,7 +132,7 @@ def _allreduce_latency(numel: int, reps: int, device: torch.device) -> float:
         dist.barrier()
         _sync(device)
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        reduce(t)
         _sync(device)
         times.append(_slowest(time.perf_counter() - t0, device))
     return statistics.median(times)
@@ -206,7 +209,10 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
                     if rep >= args.warmup:
                         times[name].append(t)
             c = shape[1]
-            latency = _allreduce_latency(2 * c + 1, args.reps, device)
+            # The floor uses the transport syncbn really takes (shared memory between the ranks of
+            # one machine, else torch.distributed); torch.distributed's own latency is kept too.
+            latency = _allreduce_latency(2 * c + 1, args.reps, device, real_all_reduce)
+            torch_latency = _allreduce_latency(2 * c + 1, args.reps, device, dist.all_reduce)
             local = statistics.median(times["local BN"])
             row = {
                 "world_size": world,
@@ -214,6 +220,7 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
                 "dtype": dtype_name,
                 "channels_last": bool(args.channels_last and x.dim() == 4),
                 "allreduce_latency_ms": latency * 1e3,
+                "torch_allreduce_latency_ms": torch_latency * 1e3,
                 # syncbn's all_reduce calls timed in place: latency plus waiting for the slowest rank.
                 "syncbn_allreduce_in_step_ms": statistics.median(waits) * 1e3 if waits else 0.0,
                 "limit_ratio": (local + 2 * latency) / local,
