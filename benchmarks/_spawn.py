@@ -8,7 +8,24 @@ import os
 import tempfile
 from typing import Any, Callable
 
-__all__ = ["run_processes"]
+__all__ = ["run_processes", "exit_together"]
+
+
+def exit_together() -> None:
+    """End a benchmark process once every rank is done, skipping torch's teardown.
+
+    Tearing Gloo down while a peer still talks to it can abort the process ("terminate called
+    without an active exception"), and freeing DDP's reducer after the group can deadlock on the
+    GIL (torch 2.13); the results are already written, so leave without either.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_processes(target: Callable[..., None], world: int, args: Any, timeout: float) -> Any:

@@ -41,9 +41,9 @@ from torch import nn
 import syncbn
 
 try:
-    from ._spawn import run_processes
+    from ._spawn import exit_together, run_processes
 except ImportError:  # run as a script: python benchmarks/bench_layer.py
-    from _spawn import run_processes
+    from _spawn import exit_together, run_processes
 
 SHAPES = [(16, 64, 56, 56), (16, 256, 14, 14), (64, 512, 7, 7), (256, 1024)]
 
@@ -243,9 +243,7 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
         with open(out_path, "w") as f:
             json.dump(rows, f)
     if dist.is_initialized():
-        # Leave together: a rank tearing Gloo down while a peer still talks to it can abort.
-        dist.barrier()
-        dist.destroy_process_group()
+        exit_together()
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -37,9 +37,9 @@ import syncbn  # noqa: E402
 from examples.models import resnet18  # noqa: E402
 
 try:
-    from ._spawn import run_processes
+    from ._spawn import exit_together, run_processes
 except ImportError:  # run as a script: python benchmarks/bench_resnet.py
-    from _spawn import run_processes
+    from _spawn import exit_together, run_processes
 
 
 class _Counter:
@@ -173,9 +173,7 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
         }
         with open(out_path, "w") as f:
             json.dump(result, f)
-    # Leave together: a rank tearing Gloo down while a peer still talks to it can abort.
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_together()
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Mapping, NamedTuple, Optional
 
 import torch
@@ -198,6 +199,14 @@ def _bind(dev: torch.device) -> torch.device:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one is initialized; a no-op otherwise (safe to call twice)."""
+    """Destroy the default process group if one is initialized; a no-op otherwise (safe to call twice).
+
+    Waits 0.1 s first, with the GIL released: a Gloo worker thread that has just finished a
+    collective still has to take the GIL to free that work's Python tensors, and if the group is
+    destroyed before it has (say when a DistributedDataParallel model holding the group's last
+    reference is freed), the destructor joins that thread while holding the GIL and the process
+    hangs at exit (seen with torch 2.13).
+    """
     if dist.is_available() and dist.is_initialized():
+        time.sleep(0.1)
         dist.destroy_process_group()

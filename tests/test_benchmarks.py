@@ -13,7 +13,7 @@ from examples.models import resnet18
 def test_bench_layer_smoke(tmp_path):
     out = tmp_path / "layer.json"
     rows = bench_layer.main(
-        ["--world-sizes", "2", "--shapes", "4x8x5x5", "128x16", "--reps", "2", "--warmup", "1", "--json", str(out)]
+        ["--world-sizes", "2", "--shapes", "4x8x5x5", "128x16", "--reps", "2", "--warmup", "1", "--json", str(out), "--timeout", "120"]
     )
     assert json.loads(out.read_text())["rows"] == rows
     assert [r["shape"] for r in rows] == [[4, 8, 5, 5], [128, 16]]
@@ -26,7 +26,7 @@ def test_bench_layer_smoke(tmp_path):
 
 
 def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path):
-    result = bench_resnet.main(["--width", "8", "--batch", "2", "--image", "8", "--steps", "2", "--warmup", "1"])
+    result = bench_resnet.main(["--width", "8", "--batch", "2", "--image", "8", "--steps", "2", "--warmup", "1", "--timeout", "120"])
     ours, local = result["impls"]["syncbn"], result["impls"]["local BN"]
     layers = result["bn_layers"]
     assert layers == 20
