@@ -1,8 +1,7 @@
 """syncbn: synchronized batch normalization for data-parallel PyTorch, on any device and backend."""
 
 from .batchnorm import SyncBatchNorm, sync_batch_norm
-from .comm import new_sync_groups
-from .comm import set_debug
+from .comm import new_sync_groups, set_debug, set_shared_memory
 from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
 from .convert import convert_bn_to_gn, freeze_bn, unfreeze_bn
 from .micro_batch import FrozenBatchNorm, accumulate_bn_stats, recompute_bn_stats
@@ -16,6 +15,7 @@ __all__ = [
     "sync_batch_norm",
     "new_sync_groups",
     "set_debug",
+    "set_shared_memory",
     "convert_sync_bn",
     "revert_sync_bn",
     "BatchNormNd",
