@@ -57,6 +57,13 @@ def _group_timeout(group: Optional[dist.ProcessGroup]) -> float:
         return _DEFAULT_TIMEOUT.total_seconds()
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (an exited, not yet reaped zombie counts as dead)."""
     try:
@@ -88,6 +95,9 @@ class ShmChannel:
         self.capacity = capacity
         self.round = 0
         self.timeout = _group_timeout(group)
+        # Spin this many polls (~2 us each) before yielding the CPU at every poll; with more ranks
+        # than cores, spinning only delays the peer we wait for, so yield at once.
+        self.spins_before_yield = 0 if world > _usable_cpus() else 200
         words = world * _HEADER + 2 * world * capacity
         raw = torch.from_file(path, shared=True, size=words, dtype=torch.int64)
         self.header = raw[: world * _HEADER].view(world, _HEADER)
@@ -157,7 +167,7 @@ class ShmChannel:
         deadline = None
         while not bool((rounds >= k).all()):
             spins += 1
-            if spins < 2000:
+            if spins < self.spins_before_yield:
                 continue
             # Waiting long: give the CPU away (more ranks than cores) and check on the peers.
             os.sched_yield()
