@@ -27,9 +27,9 @@ class SyncNormFunction(torch.autograd.Function):
     Saved for backward: the input ``x`` itself (no copy, no float64 or normalized tensor) and
     per-channel vectors (weight, mean, var, r, d): the saved bytes are the input's plus O(C).
 
-    The backward always runs exactly one all_reduce of the ``2C`` float64 gradient sums over
-    ``group`` (None: no communication), also on a rank whose batch is empty, so that ranks never
-    wait on each other.
+    With ``sync`` the backward always runs exactly one all_reduce of the ``2C`` float64 gradient
+    sums over ``group``, also on a rank whose batch is empty, so that ranks never wait on each
+    other; without it, it communicates nothing.
     """
 
     @staticmethod
