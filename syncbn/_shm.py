@@ -120,21 +120,27 @@ class ShmChannel:
                     f.truncate(8 * words)
             except OSError:
                 path = ""
-        # Rank 0 proposes a file; every rank checks it sees the same machine and can map it.
-        proposal = [path, socket.gethostname()]
-        dist.broadcast_object_list(proposal, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        path, host = proposal
-        ok = bool(path) and host == socket.gethostname() and os.path.exists(path)
-        channel = None
-        if ok:
-            try:
-                channel = cls(group, path, world, index, capacity)
-            except Exception:
-                channel = None
-        flag = torch.tensor([0 if channel is not None else 1], dtype=torch.int64)
-        dist.all_reduce(flag, group=group)  # also: every rank has mapped the file before it goes
-        if index == 0 and path:
-            os.unlink(path)  # the mappings stay valid; nothing is left behind, even after a crash
+        try:
+            # Rank 0 proposes a file; every rank checks it sees the same machine and can map it.
+            proposal = [path, socket.gethostname()]
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            dist.broadcast_object_list(proposal, src=src, group=group)
+            path_seen, host = proposal
+            channel = None
+            if path_seen and host == socket.gethostname() and os.path.exists(path_seen):
+                try:
+                    channel = cls(group, path_seen, world, index, capacity)
+                except Exception:
+                    channel = None
+            flag = torch.tensor([0 if channel is not None else 1], dtype=torch.int64)
+            dist.all_reduce(flag, group=group)  # also: every rank has mapped the file before it goes
+        finally:
+            if path:
+                # The mappings stay valid; nothing is left behind, also when a peer never came.
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         return channel if int(flag.item()) == 0 else None
 
     # Spinning on shared memory is not traceable: under torch.compile it runs eagerly, a graph

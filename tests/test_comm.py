@@ -75,3 +75,21 @@ def test_gloo_path_still_matches_torch():
     """SYNCBN_SHM=0 (or set_shared_memory(False)) keeps everything on torch.distributed."""
     run_on_ranks(3, _layer_parity_without_shm)
     assert syncbn.comm.shared_memory_enabled()
+
+
+def _creation_without_peer(rank, world_size):
+    import datetime
+
+    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        # Rank 1 never joins: building the channel fails with the group's timeout...
+        with pytest.raises(RuntimeError, match="peer rank crashed, exited or skipped"):
+            comm.all_reduce_sum(torch.ones(4, dtype=torch.float64), group)
+        # ...and the file rank 0 had created for the mapping is gone all the same.
+        leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"syncbn-{os.getpid()}-")]
+        assert not leftovers, leftovers
+    dist.barrier()
+
+
+def test_failed_channel_setup_leaves_no_file():
+    run_on_ranks(2, _creation_without_peer, timeout=60)
