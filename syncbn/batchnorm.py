@@ -290,7 +290,11 @@ class SyncBatchNorm(_BatchNorm):
         self._group_ref = comm.GroupRef(group)
 
     def _layer_name(self) -> str:
-        return f"{type(self).__name__}({self.num_features})"
+        # convert_sync_bn records where the layer sits, so messages (and consistency mode) can
+        # tell apart layers of the same class and width.
+        path = getattr(self, "layer_path", "")
+        where = f" at {path!r}" if path else ""
+        return f"{type(self).__name__}({self.num_features}){where}"
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_input(self._layer_name(), input, self.num_features)

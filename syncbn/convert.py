@@ -97,7 +97,9 @@ def convert_sync_bn(
 
     Recursive; the new layers reuse the same Parameter and buffer objects, so an optimizer built
     before the conversion stays valid, and carry eps, momentum, affine, track_running_stats, the
-    training flag, requires_grad, device, dtype and qconfig. Returns ``module`` changed in place,
+    training flag, requires_grad, device, dtype and qconfig. Each synchronized layer records its
+    module path (``layer_path``), which error messages and consistency mode name. Returns
+    ``module`` changed in place,
     or a new module when ``module`` itself is a batch norm. :func:`revert_sync_bn` undoes it.
 
     Args:
@@ -186,7 +188,11 @@ def convert_sync_bn(
         new._syncbn_original_group = comm.GroupRef(getattr(m, "process_group", None))
         return _carry_state(m, new)
 
-    return _map_modules(module, replace)
+    converted = _map_modules(module, replace)
+    for path, m in converted.named_modules():
+        if isinstance(m, SyncBatchNorm):
+            m.layer_path = path  # named in error messages and consistency checks
+    return converted
 
 
 def revert_sync_bn(module: nn.Module) -> nn.Module:

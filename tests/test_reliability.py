@@ -97,6 +97,16 @@ def _mismatch_rank(rank, world_size, case):
                 bn2(x)
 
             return _outcome(calls)
+        if case == "swapped":
+            # Two converted layers of the same class and width, called in a different order on
+            # each rank: the recorded module paths tell them apart.
+            model = syncbn.convert_sync_bn(
+                torch.nn.ModuleDict({"a": torch.nn.BatchNorm1d(4), "b": torch.nn.BatchNorm1d(4)}),
+                process_group=group,
+            )
+            x = torch.randn(3, 4)
+            order = ["a", "b"] if rank == 0 else ["b", "a"]
+            return _outcome(lambda: [model[k](x) for k in order])
         if case == "channels":
             # Different packed sizes: without the check Gloo aborts the process.
             c = 4 if rank == 0 else 6
@@ -116,6 +126,7 @@ def _mismatch_rank(rank, world_size, case):
         ("layer", "layer", ["rank 0: SyncBatchNorm(4) call 1, 4 channels, torch.float32",
                             "rank 1: syncbn.sync_batch_norm call 1, 4 channels, torch.float32"]),
         ("skipped", "call count", ["rank 0: SyncBatchNorm(4) call 2", "rank 1: SyncBatchNorm(4) call 1"]),
+        ("swapped", "layer", ["rank 0: SyncBatchNorm(4) at 'a' call 1", "rank 1: SyncBatchNorm(4) at 'b' call 1"]),
         ("channels", "channel count", ["rank 0: SyncBatchNorm(4) call 1, 4 channels",
                                        "rank 1: SyncBatchNorm(6) call 1, 6 channels"]),
         ("dtype", "dtype", ["rank 0: SyncBatchNorm(4) call 1, 4 channels, torch.float32",
