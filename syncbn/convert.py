@@ -99,8 +99,8 @@ def convert_sync_bn(
     before the conversion stays valid, and carry eps, momentum, affine, track_running_stats, the
     training flag, requires_grad, device, dtype and qconfig. Each synchronized layer records its
     module path (``layer_path``), which error messages and consistency mode name. Returns
-    ``module`` changed in place,
-    or a new module when ``module`` itself is a batch norm. :func:`revert_sync_bn` undoes it.
+    ``module`` changed in place, or a new module when ``module`` itself is a batch norm.
+    :func:`revert_sync_bn` undoes it.
 
     Args:
         module: the model.
