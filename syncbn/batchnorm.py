@@ -277,6 +277,8 @@ class SyncBatchNorm(_BatchNorm):
         # Set by syncbn.accumulate_bn_stats / recompute_bn_stats to collect statistics instead of
         # updating the running averages; None in normal use.
         self.stats_sink: Optional[StatsSink] = None
+        # Module path within the converted model, set by convert_sync_bn ("" when built directly).
+        self.layer_path = ""
         _check_options(self._layer_name(), min_count, fallback)
 
     @property
@@ -292,7 +294,7 @@ class SyncBatchNorm(_BatchNorm):
     def _layer_name(self) -> str:
         # convert_sync_bn records where the layer sits, so messages (and consistency mode) can
         # tell apart layers of the same class and width.
-        path = getattr(self, "layer_path", "")
+        path = self.layer_path
         where = f" at {path!r}" if path else ""
         return f"{type(self).__name__}({self.num_features}){where}"
 
@@ -308,7 +310,8 @@ class SyncBatchNorm(_BatchNorm):
         return extra
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+        name = self._layer_name()
+        _check_input(name, input, self.num_features)
         return _batch_norm(
             input,
             self.running_mean,
@@ -320,7 +323,7 @@ class SyncBatchNorm(_BatchNorm):
             momentum=self.momentum,
             eps=self.eps,
             group=self.process_group,
-            name=self._layer_name(),
+            name=name,
             min_count=self.min_count,
             fallback=self.fallback,
             debias=self.debias,

@@ -55,7 +55,7 @@ def _tracking_layers(module: nn.Module, caller: str) -> list[SyncBatchNorm]:
             if m.track_running_stats:
                 if m.stats_sink is not None:
                     raise ValueError(
-                        f"{caller}: {m._layer_name()} at {name or '<root>'!r} is already collecting "
+                        f"{caller}: {type(m).__name__} at {name or '<root>'!r} is already collecting "
                         "statistics; expected no nested accumulate_bn_stats / recompute_bn_stats"
                     )
                 layers.append(m)
