@@ -2,6 +2,8 @@
 
 The forward receives the group's statistics (already all-reduced by the caller) and normalizes;
 the backward all-reduces the two per-channel gradient sums and applies the training-mode formula.
+On CUDA both go through torch's fused SyncBatchNorm kernels, elsewhere through the composed path
+(see :mod:`syncbn.functional`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ class SyncNormFunction(torch.autograd.Function):
     """``y = weight * ((x - mean) * invstd * r + d) + bias`` with ``mean``/``invstd`` from the group.
 
     ``r`` and ``d`` are Batch Renormalization's corrections (constants for autograd); plain batch
-    norm passes None for both (``r = 1``, ``d = 0``).
+    norm passes None for both (``r = 1``, ``d = 0``). Both, and a missing weight or bias, are folded
+    into one per-channel ``scale`` and ``shift`` (:func:`syncbn.functional.fold_affine`), so every
+    variant runs the same kernels.
 
-    Saved for backward: the input ``x`` itself (no copy, no float64 or normalized tensor) and
-    per-channel vectors (weight, mean, var, r, d): the saved bytes are the input's plus O(C).
+    Saved for backward: the input ``x`` itself (no copy, no float64 or normalized tensor; on CUDA a
+    copy only when ``x`` is in none of the layouts the kernels take, as torch's own layer does) and
+    per-channel vectors (mean, var or invstd, scale, r, d): the saved bytes are the input's plus O(C).
 
     With ``sync`` the backward always runs exactly one all_reduce of the ``2C`` float64 gradient
     sums over ``group``, also on a rank whose batch is empty, so that ranks never wait on each
@@ -47,38 +52,56 @@ class SyncNormFunction(torch.autograd.Function):
         r: Optional[Tensor],
         d: Optional[Tensor],
     ) -> Tensor:
-        scale, shift = weight, bias
-        if r is not None:
-            scale = r if weight is None else weight * r
-            wd = d if weight is None else weight * d
-            shift = wd if bias is None else bias + wd
-        ctx.save_for_backward(x, weight, mean, var, r, d)
+        ctx.fused = BF.uses_fused_kernels(x)
         ctx.eps, ctx.count, ctx.group, ctx.sync = eps, count, group, sync
+        ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else mean.dtype
+        if ctx.fused:
+            x = BF.fused_layout(x)
+            invstd = torch.rsqrt(var + eps)
+            scale, shift = BF.fold_affine(weight, bias, r, d, like=mean)
+            ctx.save_for_backward(x, mean, invstd, scale, r, d)
+            return BF.fused_normalize(x, mean, invstd, scale, shift)
+        scale, shift = BF.fold_affine(weight, bias, r, d)
+        ctx.save_for_backward(x, mean, var, scale, r, d)
         return BF.normalize(x, mean, var, scale, shift, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, var, r, d = ctx.saved_tensors
+        x, mean, spread, scale, r, d = ctx.saved_tensors
         c = mean.numel()
-        # sum_dy_xhat = sum(dy * (x - mean)) * invstd: plain batch norm's grad_weight.
-        sum_dy, sum_dy_xhat = BF.grad_sums(grad_out, x, mean, var, ctx.eps)
-        if ctx.sync:
-            packed = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)
-            means = comm.all_reduce_sum(packed, ctx.group).div_(ctx.count).to(mean.dtype)
+        if ctx.fused:
+            invstd = spread
+            grad_out = BF.fused_layout(grad_out, like=x)
+            # sum_dy_x = sum(dy * (x - mean)), as the fused elementwise kernel takes it.
+            sum_dy, sum_dy_x = BF.fused_grad_sums(grad_out, x, mean, invstd, scale)
         else:
-            means = torch.cat([sum_dy, sum_dy_xhat]).div_(ctx.count)
+            var = spread
+            invstd = torch.rsqrt(var + ctx.eps)
+            # sum_dy_x = sum(dy * (x - mean)) * invstd: plain batch norm's grad_weight.
+            sum_dy, sum_dy_x = BF.grad_sums(grad_out, x, mean, invstd)
+        local = torch.cat([sum_dy, sum_dy_x])
+        if ctx.sync:
+            group_sums = comm.all_reduce_sum(local.to(torch.float64), ctx.group).to(mean.dtype)
+        else:
+            group_sums = local
 
         grad_x = grad_w = grad_b = None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if need_x:
-            scale = weight if r is None else (r if weight is None else weight * r)
+        if need_x and ctx.fused:
+            count = torch.full((1,), ctx.count, dtype=torch.int32, device=x.device)
+            grad_x = BF.fused_grad_input(
+                grad_out, x, mean, invstd, scale, group_sums[:c], group_sums[c:], count
+            )
+        elif need_x:
+            means = group_sums.div_(ctx.count)
             grad_x = BF.grad_input(grad_out, x, mean, var, ctx.eps, scale, means[:c], means[c:])
         if need_w:
             # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
+            sum_dy_xhat = sum_dy_x * invstd if ctx.fused else sum_dy_x
             grad_w = sum_dy_xhat if r is None else sum_dy_xhat * r + d * sum_dy
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = grad_w.to(ctx.weight_dtype)
         if need_b:
             grad_b = sum_dy.to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None

@@ -20,6 +20,11 @@ _FALLBACKS = ("raise", "running")
 # Receives a layer's group batch statistics: (mean, biased var, count) -> None.
 StatsSink = Callable[[Tensor, Tensor, int], None]
 
+# Take the synchronized path (local statistics, all_reduce, SyncNormFunction) even in a group of
+# one rank. Only benchmarks/gpu_check.py and tests set it, to run that path where one process per
+# device is all there is (NCCL refuses two ranks on one GPU).
+_ALWAYS_SYNC = False
+
 
 def _check_input(name: str, x: Tensor, num_features: int) -> None:
     if x.dim() < 2 or x.shape[1] != num_features:
@@ -72,7 +77,7 @@ def _batch_norm(
     if not training and running_mean is not None:
         return BF.normalize(x, running_mean, running_var, weight, bias, eps)
 
-    sync = training and comm.group_size(group) > 1
+    sync = training and (_ALWAYS_SYNC or comm.group_size(group) > 1)
     # Activation checkpointing runs the forward again inside backward: same statistics (and, when
     # synchronized, the same all_reduce on every rank, since every rank recomputes), but the
     # running averages, the step counter and the stats sink already took this batch.

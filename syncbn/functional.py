@@ -17,6 +17,8 @@ from torch import Tensor
 __all__ = [
     "stat_dtype",
     "channel_view",
+    "uses_fused_kernels",
+    "fused_layout",
     "local_stats",
     "pack_stats",
     "unpack_stats",
@@ -24,11 +26,28 @@ __all__ = [
     "update_running_stats",
     "normalize",
     "renorm_factors",
+    "fold_affine",
     "grad_sums",
     "grad_input",
+    "fused_normalize",
+    "fused_grad_sums",
+    "fused_grad_input",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# Two implementations of the same math sit side by side:
+# - the *fused* path calls exactly the kernels torch's own nn.SyncBatchNorm calls (and CI-tests) on
+#   CUDA: batch_norm_update_stats, batch_norm_elemt, batch_norm_backward_reduce and
+#   batch_norm_backward_elemt. They exist for CUDA only: 3 passes over activation memory forward
+#   (stats, then read and write), 5 backward (reduce dy and x, then read dy and x, write dx).
+# - the *composed* path everywhere else (CPU, and devices without those kernels) uses only the
+#   training-mode statistics and backward and the eval-mode batch_norm, whose contracts every
+#   device implements because plain nn.BatchNorm needs them.
+_FUSED_DEVICE_TYPES = ("cuda",)
+# Where the fused kernels come from. Only tests replace it (with CPU emulations of the CUDA
+# kernels, to check how this module calls them on machines without a GPU).
+_kernels: object = torch
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,21 +60,45 @@ def channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.reshape((-1,) + (1,) * (ndim - 2))
 
 
+def uses_fused_kernels(x: Tensor) -> bool:
+    """Whether ``x`` goes through torch's fused SyncBatchNorm kernels (CUDA) or the composed path."""
+    return x.device.type in _FUSED_DEVICE_TYPES
+
+
+def fused_layout(t: Tensor, like: Optional[Tensor] = None) -> Tensor:
+    """``t`` in a layout the fused kernels take: contiguous, channels_last or channels_last_3d.
+
+    With ``like``, in ``like``'s layout (the backward kernels want ``dy`` laid out as ``x``). A
+    tensor already in such a layout is returned as is (no copy).
+    """
+    ref = t if like is None else like
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        if ref.dim() == (4 if fmt is torch.channels_last else 5) and ref.is_contiguous(memory_format=fmt):
+            if like is None or t.is_contiguous(memory_format=fmt):
+                return t
+            return t.contiguous(memory_format=fmt)
+    return t.contiguous()
+
+
 def local_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of ``x`` over every dim but 1, and the count.
 
-    Uses torch's fused batch-norm statistics kernel (one pass, accumulated in double on CPU).
-    Half inputs give float32 statistics. An empty ``x`` gives zeros and a count of 0. The results
-    carry no autograd history: the layers' backward accounts for them in closed form.
+    Uses torch's batch-norm statistics kernel: one pass over ``x``, accumulated in double on CPU,
+    Welford in float32 (float64 for float64 input) on CUDA. Half inputs give float32 statistics.
+    An empty ``x`` gives zeros and a count of 0. The results carry no autograd history: the
+    layers' backward accounts for them in closed form.
     """
     x = x.detach()
     c = x.shape[1]
     count = x.numel() // c if c else 0
     dtype = stat_dtype(x.dtype)
     if count == 0:
-        zeros = torch.zeros(c, dtype=dtype, device=x.device)
-        return zeros, zeros.clone(), 0
-    if x.dtype in _HALF:
+        zeros = torch.zeros(2, c, dtype=dtype, device=x.device)
+        return zeros[0], zeros[1], 0
+    if uses_fused_kernels(x):
+        # The CUDA kernel returns float32 statistics for half inputs by itself (no scratch buffers).
+        mean, var = _kernels.batch_norm_update_stats(x, None, None, 0.0)
+    elif x.dtype in _HALF:
         # The kernel returns statistics in the dtype of the running buffers it is given; scratch
         # float32 buffers (momentum 0) make it return float32 and leave the module's buffers alone.
         scratch_mean = torch.zeros(c, dtype=dtype, device=x.device)
@@ -70,8 +113,10 @@ def pack_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
     """Pack local statistics as float64 ``[sum (C), sum of squares (C), count (1)]``.
 
     Sums of values and of squares add across ranks, so one all_reduce of this vector gives the
-    group's sums. float64 keeps ``sum_sq / n - mean**2`` accurate to ~1e-16 * (mean/std)**2
-    relative to the variance: 1e-8 at |mean|/std = 1e4, far below float32 resolution.
+    group's sums. The float64 merge itself adds a relative error of ~1e-16 * (mean/std)**2 to the
+    variance; what limits float32 and half inputs is that each rank's mean arrives rounded to
+    float32 (see the README's guarantees for measured errors). float64 sums of squares overflow
+    for values beyond about 1e150.
     """
     c = mean.numel()
     packed = torch.cat([mean, var, mean.new_ones(1)]).to(torch.float64)
@@ -166,17 +211,43 @@ def renorm_factors(
     return r, d
 
 
-def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) / sqrt(var + eps)`` over the local batch.
+def fold_affine(
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    r: Optional[Tensor],
+    d: Optional[Tensor],
+    like: Optional[Tensor] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The per-channel ``(scale, shift)`` of ``weight * (xhat * r + d) + bias``.
 
-    One fused pass: torch's eval-mode batch-norm backward, whose grad_bias and grad_weight are
-    exactly these sums (the second is plain batch norm's grad_weight). An empty batch gives zeros.
+    ``scale = weight * r`` and ``shift = weight * d + bias``, with a missing ``weight``/``r`` taken as
+    1 and a missing ``bias``/``d`` as 0; plain batch norm (``r``, ``d`` None) returns ``(weight,
+    bias)`` themselves. With ``like`` (a statistics vector), both come back as tensors of its dtype,
+    ones and zeros standing in for missing ones, as the fused kernels want them.
+    """
+    scale, shift = weight, bias
+    if r is not None:
+        scale = r if weight is None else weight * r
+        wd = d if weight is None else weight * d
+        shift = wd if bias is None else bias + wd
+    if like is not None:
+        scale = torch.ones_like(like) if scale is None else scale.to(like.dtype)
+        shift = torch.zeros_like(like) if shift is None else shift.to(like.dtype)
+    return scale, shift
+
+
+def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` over the local batch.
+
+    One fused pass: torch's training-mode batch-norm backward given the batch's ``mean`` and
+    ``invstd`` (the contract autograd uses for ``F.batch_norm`` on every device), whose grad_bias and
+    grad_weight are exactly these sums. An empty batch gives zeros.
     """
     if x.numel() == 0:
         zeros = torch.zeros(2, x.shape[1], dtype=mean.dtype, device=x.device)
         return zeros[0], zeros[1]
     _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_out, x, None, mean, var, None, None, False, eps, [False, True, True]
+        grad_out, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
     )
     return sum_dy, sum_dy_xhat
 
@@ -204,3 +275,53 @@ def grad_input(
     neg_a = a.neg()
     out = torch.batch_norm(x, neg_a * mean_dy_xhat, neg_a * mean_dy, mean, var, False, 0.0, eps, False)
     return out.addcmul_(grad_out, channel_view(a, x.dim()))
+
+
+def fused_normalize(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(x - mean) * invstd * scale + shift`` with torch's ``batch_norm_elemt`` kernel (CUDA).
+
+    ``x`` in a :func:`fused_layout`; ``mean``, ``invstd``, ``scale`` and ``shift`` in the statistics
+    dtype (:func:`fold_affine` with ``like``). One read and one write of ``x``'s memory.
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _kernels.batch_norm_elemt(x, scale, shift, mean, invstd, 0.0)
+
+
+def fused_grad_sums(
+    grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` with ``batch_norm_backward_reduce`` (CUDA).
+
+    One read of ``dy`` and ``x``. The kernel is asked for its input-gradient sums only (the weight
+    gradients follow from them in closed form), so it never needs an affine weight; ``scale`` only
+    tells it the parameter dtype. An empty batch gives zeros.
+    """
+    if x.numel() == 0:
+        zeros = torch.zeros(2, x.shape[1], dtype=mean.dtype, device=x.device)
+        return zeros[0], zeros[1]
+    sum_dy, sum_dy_xmu, _, _ = _kernels.batch_norm_backward_reduce(
+        grad_out, x, mean, invstd, scale, True, False, False
+    )
+    return sum_dy, sum_dy_xmu
+
+
+def fused_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    scale: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    count: Tensor,
+) -> Tensor:
+    """Training-mode input gradient with ``batch_norm_backward_elemt`` (CUDA).
+
+    ``dx = scale * invstd * (dy - sum_dy / M - (x - mean) * invstd**2 * sum_dy_xmu / M)`` where the
+    sums are the group's and ``M`` is the sum of ``count`` (an int32 tensor on ``x``'s device, so
+    the kernel reads it without a host round trip). One read of ``dy`` and ``x``, one write.
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _kernels.batch_norm_backward_elemt(grad_out, x, mean, invstd, scale, sum_dy, sum_dy_xmu, count)
