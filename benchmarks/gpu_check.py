@@ -1,0 +1,669 @@
+"""One GPU check for syncbn: correctness of the CUDA path, and per-layer timings against torch.
+
+Run it on a machine with a CUDA build of torch, from a checkout::
+
+    python benchmarks/gpu_check.py                 # installs this checkout (pip -e, no deps), then checks
+    python benchmarks/gpu_check.py --json out.json
+    python benchmarks/gpu_check.py --dry-run       # CPU, tiny shapes: the same code paths, for CI
+
+What it checks, each case against single-process float64 torch BatchNorm on the concatenated batch
+(Batch Renorm against its closed form): outputs, grad_input, the ranks' summed grad_weight and
+grad_bias, running statistics after every step (identical on every rank), and eval outputs, for
+float64/float32/float16/bfloat16, NCHW and channels_last, 2-D to 5-D inputs, uneven and empty ranks,
+no affine, ``momentum=None`` and ``SyncBatchRenorm``. It runs them
+
+- on the synchronized path with world size 2 on one GPU through Gloo with CUDA tensors;
+- with NCCL and world size 1, the synchronized path forced (NCCL refuses two ranks on one GPU);
+- with no process group, where ``SyncBatchNorm`` must equal ``nn.BatchNorm`` bit for bit;
+
+and checks that the synchronized path launches exactly torch's four fused kernels per step.
+
+Then it times forward+backward of one layer on ResNet-50 shapes (CUDA events, implementations
+interleaved, medians and median ratios): ``nn.BatchNorm2d``; syncbn without a group; syncbn's
+synchronized path with communication left out; and torch's own SyncBatchNorm kernel sequence
+(``batch_norm_stats``, ``batch_norm_gather_stats_with_counts``, ``batch_norm_elemt``,
+``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``) with communication left out. It
+reports the bandwidth achieved (8 passes over the activation per step) against a device-to-device
+copy of the same bytes and against the GPU's peak. It ends with one line ``N passed, M failed``
+(correctness cases; the speed targets are reported, not counted) and exits non-zero on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+__all__ = ["main", "CASES"]
+
+# ResNet-50's batch-norm shapes at 32 images per GPU (224x224 input).
+RESNET50_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
+DRY_SHAPES = [(4, 8, 6, 6), (4, 16, 3, 3)]
+
+_TOL = {"float64": 1e-9, "float32": 2e-4, "float16": 2e-2, "bfloat16": 6e-2}
+
+# One correctness case: dtype, per-sample features (C, *spatial), per-rank batch sizes (None: 3 each),
+# channels_last, affine, momentum, renorm (r_max, d_max) or None.
+CASES: list[dict[str, Any]] = (
+    [{"dtype": dt, "features": (6, 5, 5)} for dt in ("float64", "float32", "float16", "bfloat16")]
+    + [{"dtype": dt, "features": (6, 5, 5), "channels_last": True} for dt in ("float32", "float16", "bfloat16")]
+    + [
+        {"dtype": "float32", "features": (6,)},
+        {"dtype": "float32", "features": (6, 7)},
+        {"dtype": "float32", "features": (3, 4, 5, 6)},
+        {"dtype": "bfloat16", "features": (3, 4, 5, 6), "channels_last": True},
+        {"dtype": "float16", "features": (6,)},
+        {"dtype": "float32", "features": (6, 5, 5), "sizes": (1, 6)},
+        {"dtype": "float32", "features": (6, 5, 5), "sizes": (0, 4)},
+        {"dtype": "float16", "features": (6, 5, 5), "sizes": (5, 0), "channels_last": True},
+        {"dtype": "float32", "features": (6, 5, 5), "affine": False},
+        {"dtype": "float32", "features": (6, 5, 5), "momentum": None},
+        {"dtype": "float64", "features": (6, 5, 5), "renorm": (1.5, 0.7)},
+        {"dtype": "float32", "features": (6, 5, 5), "renorm": (1.5, 0.7), "sizes": (2, 4)},
+        {"dtype": "bfloat16", "features": (6, 5, 5), "renorm": (1.5, 0.7), "channels_last": True},
+        {"dtype": "float32", "features": (6, 5, 5), "renorm": (1.5, 0.7), "affine": False, "sizes": (0, 4)},
+    ]
+)
+
+
+def _case_name(case: dict[str, Any]) -> str:
+    parts = [case["dtype"], "x".join(map(str, (case.get("sizes") or ("N",)) + tuple(case["features"])))]
+    parts += [k for k in ("channels_last",) if case.get(k)]
+    if case.get("affine") is False:
+        parts.append("no-affine")
+    if "momentum" in case and case["momentum"] is None:
+        parts.append("momentum=None")
+    if case.get("renorm"):
+        parts.append("renorm r_max=%g d_max=%g" % case["renorm"])
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def _install(skip: bool) -> str:
+    """Install this checkout into the running python (``pip install --no-deps -e``), best effort."""
+    if skip:
+        return "skipped (--no-install)"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", ROOT]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"pip install failed ({err}); using the checkout through sys.path"
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return f"pip install failed ({tail[0]}); using the checkout through sys.path"
+    return "pip install --no-deps -e . done"
+
+
+def _describe(device: str, install_note: str) -> dict[str, Any]:
+    import syncbn
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "syncbn": f"{syncbn.__version__} from {os.path.dirname(syncbn.__file__)}",
+        "install": install_note,
+        "device": device,
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
+        )
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness: one case on one rank
+
+
+def _reference(
+    full: torch.Tensor, state: dict[str, Any], case: dict[str, Any], step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """float64 output of the case's layer on the whole batch, and the running statistics after it."""
+    c = full.shape[1]
+    momentum = case.get("momentum", 0.1)
+    affine = case.get("affine", True)
+    rm, rv = state["running_mean"], state["running_var"]
+    w = state["weight"] if affine else None
+    b = state["bias"] if affine else None
+    factor = momentum if momentum is not None else 1.0 / (step + 1)
+    if not case.get("renorm"):
+        # torch's own batch norm, single process, on the whole batch (updates rm/rv in place).
+        rm, rv = rm.clone(), rv.clone()
+        y = F.batch_norm(full, rm, rv, w, b, True, factor, 1e-5)
+        return y, {"running_mean": rm, "running_var": rv}
+    # Batch Renormalization's closed form (Ioffe 2017): r and d are constants for autograd.
+    r_max, d_max = case["renorm"]
+    eps = 1e-5
+    dims = [0] + list(range(2, full.dim()))
+    view = (1, -1) + (1,) * (full.dim() - 2)
+    mu, var = full.mean(dims), full.var(dims, unbiased=False)
+    sigma_b, sigma = (var + eps).sqrt(), (rv + eps).sqrt()
+    r = (sigma_b.detach() / sigma).clamp(1 / r_max, r_max)
+    d = ((mu.detach() - rm) / sigma).clamp(-d_max, d_max)
+    y = (full - mu.view(view)) / sigma_b.view(view) * r.view(view) + d.view(view)
+    if affine:
+        y = y * w.view(view) + b.view(view)
+    n = full.numel() // c
+    with torch.no_grad():
+        new_rm = rm + factor * (mu - rm)
+        new_rv = rv + factor * (var * n / (n - 1) - rv)
+    return y, {"running_mean": new_rm, "running_var": new_rv}
+
+
+def _max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|a - e| / max(1, max|e|)``; NaN and shape mismatches count as infinitely wrong."""
+    a = actual.detach().cpu().double()
+    e = expected.detach().cpu().double()
+    if a.shape != e.shape or not torch.isfinite(a).all():
+        return math.inf
+    if a.numel() == 0:
+        return 0.0
+    return (a - e).abs().max().item() / max(1.0, e.abs().max().item())
+
+
+def _sum_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    t = t.detach().cpu().double().clone()
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def run_case(case: dict[str, Any], rank: int, world: int, device: str, steps: int = 2) -> dict[str, Any]:
+    """Train ``steps`` steps of the case's syncbn layer on this rank's slice; return the errors.
+
+    Every rank draws the same full batch from the same seed and keeps its slice; the errors are
+    relative to the float64 reference (see :func:`_max_err`).
+    """
+    import syncbn
+
+    dt = getattr(torch, case["dtype"])
+    features = tuple(case["features"])
+    c = features[0]
+    sizes = list(case.get("sizes") or (3,) * world)
+    if len(sizes) != world:  # world size 1: the whole batch on one rank
+        sizes = [sum(sizes)]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    affine = case.get("affine", True)
+    momentum = case.get("momentum", 0.1)
+    gen = torch.Generator().manual_seed(7)
+    state = {
+        "weight": torch.rand(c, generator=gen, dtype=torch.float64) + 0.5,
+        "bias": torch.randn(c, generator=gen, dtype=torch.float64),
+        "running_mean": torch.randn(c, generator=gen, dtype=torch.float64) * 0.1,
+        "running_var": torch.rand(c, generator=gen, dtype=torch.float64) + 0.5,
+        "num_batches_tracked": torch.tensor(0),
+    }
+    if case.get("renorm"):
+        layer = syncbn.SyncBatchRenorm(c, momentum=momentum, affine=affine, r_max=case["renorm"][0], d_max=case["renorm"][1])
+    else:
+        layer = syncbn.SyncBatchNorm(c, momentum=momentum, affine=affine)
+    layer = layer.to(device=device, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else dt)
+    layer.load_state_dict({k: v for k, v in state.items() if k in layer.state_dict()})
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(features) + 1)
+    errors: dict[str, float] = {}
+
+    def note(what: str, err: float) -> None:
+        errors[what] = max(errors.get(what, 0.0), err)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        full = (torch.randn(sum(sizes), *features, generator=gen, dtype=torch.float64) * 2 + 1).to(dt).double()
+        local = full[lo:hi].to(device=device, dtype=dt)
+        if case.get("channels_last") and fmt is not None:
+            local = local.contiguous(memory_format=fmt)
+        return full, local
+
+    for step in range(steps):
+        full, local = batch()
+        full.requires_grad_()
+        local.requires_grad_()
+        ref_state = {k: v.clone() for k, v in state.items()}
+        ref_w = ref_state["weight"].requires_grad_()
+        ref_b = ref_state["bias"].requires_grad_()
+        y_ref, new_stats = _reference(full, ref_state, case, step)
+        y = layer(local)
+        grad = torch.randn(full.shape, generator=gen, dtype=torch.float64)
+        y.backward(grad[lo:hi].to(device=device, dtype=dt))
+        y_ref.backward(grad)
+        note("output", _max_err(y, y_ref[lo:hi]))
+        if y.dtype != dt or (case.get("channels_last") and fmt is not None and hi > lo and not y.is_contiguous(memory_format=fmt)):
+            note("output dtype/layout", math.inf)
+        note("grad_input", _max_err(local.grad, full.grad[lo:hi]))
+        if affine:
+            ref_gw = ref_w.grad if ref_w.grad is not None else torch.zeros_like(ref_w)
+            ref_gb = ref_b.grad if ref_b.grad is not None else torch.zeros_like(ref_b)
+            note("grad_weight", _max_err(_sum_over_ranks(layer.weight.grad, world), ref_gw))
+            note("grad_bias", _max_err(_sum_over_ranks(layer.bias.grad, world), ref_gb))
+            layer.zero_grad()
+        for key in ("running_mean", "running_var"):
+            note(key, _max_err(getattr(layer, key), new_stats[key]))
+            state[key] = new_stats[key].detach()
+            mine = getattr(layer, key).detach().cpu().double()
+            if world > 1:
+                gathered = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(gathered, mine)
+                if not all(torch.equal(g, mine) for g in gathered):
+                    note(f"{key} identical on all ranks", math.inf)
+        state["num_batches_tracked"] += 1
+    layer.eval()
+    full, local = batch()
+    with torch.no_grad():
+        expected = F.batch_norm(
+            full, state["running_mean"], state["running_var"],
+            state["weight"] if affine else None, state["bias"] if affine else None, False, 0.0, 1e-5,
+        )
+        note("eval output", _max_err(layer(local), expected[lo:hi]))
+    tol = _TOL[case["dtype"]]
+    failed = {k: v for k, v in errors.items() if not v <= tol}
+    return {"case": _case_name(case), "errors": errors, "tol": tol, "ok": not failed, "failed": sorted(failed)}
+
+
+class _CountingKernels:
+    """Delegates to torch and counts the fused kernels syncbn calls."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fn = getattr(torch, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def check_kernels(device: str) -> dict[str, Any]:
+    """Two synchronized steps launch each of torch's four fused kernels exactly twice (CUDA)."""
+    import syncbn
+    from syncbn import functional as BF
+
+    counting = _CountingKernels()
+    saved = BF._kernels
+    BF._kernels = counting
+    try:
+        layer = syncbn.SyncBatchNorm(8).to(device)
+        x = torch.randn(4, 8, 5, 5, device=device, requires_grad=True)
+        for _ in range(2):
+            layer(x).sum().backward()
+    finally:
+        BF._kernels = saved
+    expected = (
+        {k: 2 for k in ("batch_norm_update_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")}
+        if device == "cuda"
+        else {}
+    )
+    ok = counting.calls == expected
+    return {"case": "fused kernels launched per step", "errors": {"calls": counting.calls}, "ok": ok,
+            "failed": [] if ok else [f"got {counting.calls}, expected {expected}"]}
+
+
+def check_no_group(device: str) -> list[dict[str, Any]]:
+    """Without a process group SyncBatchNorm equals nn.BatchNorm2d bit for bit (training and eval)."""
+    import syncbn
+
+    out = []
+    for dtype, cl in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, True), (torch.float16, False)):
+        torch.manual_seed(0)
+        ref = nn.BatchNorm2d(16).to(device)
+        dut = syncbn.SyncBatchNorm(16).to(device)
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.normal_()
+        dut.load_state_dict(ref.state_dict())
+        x = torch.randn(8, 16, 9, 9, device=device, dtype=dtype) * 3 + 1
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        mismatches = []
+        for step in range(2):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ref(xa), dut(xb)
+            g = torch.randn_like(ya)
+            ya.backward(g)
+            yb.backward(g)
+            pairs = [("output", ya, yb), ("grad_input", xa.grad, xb.grad), ("grad_weight", ref.weight.grad, dut.weight.grad),
+                     ("grad_bias", ref.bias.grad, dut.bias.grad), ("running_mean", ref.running_mean, dut.running_mean),
+                     ("running_var", ref.running_var, dut.running_var)]
+            mismatches += [f"step {step} {k}" for k, a, b in pairs if not torch.equal(a, b)]
+        ref.eval()
+        dut.eval()
+        with torch.no_grad():
+            if not torch.equal(ref(x), dut(x)):
+                mismatches.append("eval output")
+        name = f"no group equals nn.BatchNorm2d bit for bit: {str(dtype)[6:]}{' channels_last' if cl else ''}"
+        out.append({"case": name, "errors": {}, "ok": not mismatches, "failed": mismatches})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness: processes
+
+
+def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], out_path: str) -> None:
+    device = args["device"]
+    backend = args["backend"]
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=args["timeout"]))
+    from syncbn import batchnorm as _bn
+
+    _bn._ALWAYS_SYNC = args["force_sync"]
+    results = []
+    for case in CASES:
+        try:
+            res = run_case(case, rank, world, device)
+        except Exception as err:  # a failing case is reported, the next one still runs
+            res = {"case": _case_name(case), "errors": {}, "ok": False, "failed": [f"{type(err).__name__}: {err}"],
+                   "traceback": traceback.format_exc()}
+        results.append(res)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, results)
+    else:
+        gathered = [results]
+    if rank == 0:
+        merged = []
+        for i, case_results in enumerate(zip(*gathered)):
+            ok = all(r["ok"] for r in case_results)
+            failed = sorted({f"rank {k}: {f}" for k, r in enumerate(case_results) for f in r["failed"]})
+            errors: dict[str, float] = {}
+            for r in case_results:
+                for key, v in r["errors"].items():
+                    errors[key] = max(errors.get(key, 0.0), v)
+            tb = next((r["traceback"] for r in case_results if "traceback" in r), None)
+            merged.append({"case": case_results[0]["case"], "ok": ok, "failed": failed, "errors": errors, "tol": case_results[0].get("tol"), **({"traceback": tb} if tb else {})})
+        with open(out_path, "w") as f:
+            json.dump(merged, f)
+    sys.stdout.flush()
+    dist.barrier()
+    os._exit(0)  # skip process-group teardown: results are written (see benchmarks/_spawn.py)
+
+
+def _run_phase(title: str, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
+    from benchmarks._spawn import run_processes
+
+    try:
+        results = run_processes(_phase_worker, world, args, timeout=args["timeout"] * 4)
+    except Exception as err:
+        return [{"case": f"{title}: all cases", "ok": False, "failed": [str(err)], "errors": {}}]
+    for r in results:
+        r["case"] = f"{title}: {r['case']}"
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+class _TorchSyncBNNoComm(torch.autograd.Function):
+    """torch's nn.SyncBatchNorm kernel sequence (torch/nn/modules/_functions.py), communication left out.
+
+    Forward: batch_norm_stats, the empty-rank mask (a host synchronization, as in torch's layer),
+    batch_norm_gather_stats_with_counts over one "rank", batch_norm_elemt. Backward:
+    batch_norm_backward_reduce, batch_norm_backward_elemt.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):  # type: ignore[override]
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        count = torch.full((1,), x.numel() // x.size(1), dtype=mean.dtype, device=mean.device)
+        mean_all, invstd_all, count_all = mean[None], invstd[None], count[None]
+        mask = count_all.squeeze(-1) >= 1
+        mean_all, invstd_all, count_all = mean_all[mask], invstd_all[mask], count_all[mask]
+        mean, invstd = torch.batch_norm_gather_stats_with_counts(
+            x, mean_all, invstd_all, running_mean, running_var, momentum, eps, count_all.view(-1)
+        )
+        ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32))
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else dy.contiguous()
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, True, True, True
+        )
+        w = weight.to(mean.dtype) if weight.dtype != mean.dtype else weight
+        dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
+        return dx, grad_weight, grad_bias, None, None, None, None
+
+
+class _TorchSyncBNLayer(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _TorchSyncBNNoComm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum)
+
+
+class _SyncbnForcedSync(nn.Module):
+    """syncbn's synchronized path, forced in one process (time_layers leaves its all_reduce out)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        import syncbn
+
+        self.layer = syncbn.SyncBatchNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from syncbn import batchnorm as _bn
+
+        _bn._ALWAYS_SYNC = True
+        try:
+            return self.layer(x)
+        finally:
+            _bn._ALWAYS_SYNC = False
+
+
+def _peak_bandwidth_gbs(device: str) -> Optional[float]:
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(0)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+    known = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+    return next((v for k, v in known.items() if k in props.name), None)
+
+
+def _timer(device: str) -> tuple[Callable[[], Any], Callable[[Any, Any], float]]:
+    if device == "cuda":
+        def mark() -> Any:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return mark, lambda a, b: a.elapsed_time(b)
+    return time.perf_counter, lambda a, b: (b - a) * 1e3
+
+
+def time_layers(device: str, shapes: list[tuple[int, ...]], dtypes: list[str], reps: int, warmup: int) -> list[dict[str, Any]]:
+    """Median forward+backward milliseconds per implementation and shape, interleaved.
+
+    No process group exists here; syncbn's all_reduce is replaced by the identity for the duration,
+    so its synchronized path is timed without communication.
+    """
+    from syncbn import comm
+
+    saved = comm.all_reduce_sum
+    comm.all_reduce_sum = lambda tensor, group=None: tensor
+    try:
+        return _time_layers(device, shapes, dtypes, reps, warmup)
+    finally:
+        comm.all_reduce_sum = saved
+
+
+def _time_layers(device: str, shapes: list[tuple[int, ...]], dtypes: list[str], reps: int, warmup: int) -> list[dict[str, Any]]:
+    import syncbn
+
+    mark, elapsed = _timer(device)
+    rows = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            dt = getattr(torch, dtype_name)
+            cl = dt != torch.float32  # half precision is timed channels_last, as AMP training runs it
+            x = torch.randn(*shape, device=device, dtype=dt)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            dy = torch.randn_like(x)
+            impls: dict[str, nn.Module] = {
+                "nn.BatchNorm2d": nn.BatchNorm2d(shape[1]),
+                "syncbn, no group": syncbn.SyncBatchNorm(shape[1]),
+                "syncbn sync path, no comm": _SyncbnForcedSync(shape[1]),
+            }
+            if device == "cuda":
+                impls["torch SyncBN kernels, no comm"] = _TorchSyncBNLayer(shape[1])
+            impls = {k: m.to(device) for k, m in impls.items()}
+            copy_src, copy_dst = x.detach().clone(), torch.empty_like(x)
+            times: dict[str, list[float]] = {k: [] for k in list(impls) + ["copy"]}
+            for rep in range(warmup + reps):
+                for name, layer in impls.items():
+                    x.grad = None
+                    layer.zero_grad(set_to_none=True)
+                    a = mark()
+                    layer(x).backward(dy)
+                    b = mark()
+                    if rep >= warmup:
+                        times[name].append((a, b))
+                a = mark()
+                copy_dst.copy_(copy_src)
+                b = mark()
+                if rep >= warmup:
+                    times["copy"].append((a, b))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ms = {k: [elapsed(a, b) for a, b in v] for k, v in times.items()}
+            base = ms["nn.BatchNorm2d"]
+            nbytes = x.numel() * x.element_size()
+            row = {
+                "shape": list(shape), "dtype": dtype_name, "channels_last": cl, "bytes": nbytes,
+                "median_ms": {k: statistics.median(v) for k, v in ms.items()},
+                "ratio_to_nn_bn": {k: statistics.median(t / u for t, u in zip(v, base)) for k, v in ms.items() if k != "copy"},
+            }
+            # A step moves the activation 8 times (3 passes forward, 5 backward); a copy moves it twice.
+            row["gbs"] = {k: 8 * nbytes / (row["median_ms"][k] * 1e6) for k in impls}
+            row["gbs"]["copy"] = 2 * nbytes / (row["median_ms"]["copy"] * 1e6)
+            if "torch SyncBN kernels, no comm" in ms:
+                ref = ms["torch SyncBN kernels, no comm"]
+                row["ratio_to_torch_sync_kernels"] = statistics.median(
+                    t / u for t, u in zip(ms["syncbn sync path, no comm"], ref)
+                )
+            rows.append(row)
+    return rows
+
+
+def _print_timings(rows: list[dict[str, Any]], peak: Optional[float]) -> list[str]:
+    """Print the timing table; return the speed-target lines."""
+    names = list(rows[0]["median_ms"]) if rows else []
+    print("\nforward+backward per layer: median ms (median ratio to nn.BatchNorm2d) and GB/s "
+          "(8 activation passes per step; copy: 2)")
+    for row in rows:
+        print(f"  {'x'.join(map(str, row['shape']))} {row['dtype']}{' channels_last' if row['channels_last'] else ''}")
+        for k in names:
+            ratio = row["ratio_to_nn_bn"].get(k)
+            extra = f" ({ratio:.3f}x)" if ratio is not None else ""
+            print(f"    {k:32s} {row['median_ms'][k]:9.4f} ms{extra:10s} {row['gbs'][k]:8.1f} GB/s")
+    targets = []
+    for row in rows:
+        what = f"{'x'.join(map(str, row['shape']))} {row['dtype']}"
+        r_local = row["ratio_to_nn_bn"]["syncbn, no group"]
+        targets.append(f"no group vs nn.BatchNorm2d <= 1.02x: {r_local:.3f}x {'met' if r_local <= 1.02 else 'NOT met'} ({what})")
+        if "ratio_to_torch_sync_kernels" in row:
+            r = row["ratio_to_torch_sync_kernels"]
+            targets.append(f"sync path vs torch's SyncBN kernels <= 1.05x: {r:.3f}x {'met' if r <= 1.05 else 'NOT met'} ({what})")
+            share = row["gbs"]["syncbn sync path, no comm"] / row["gbs"]["copy"]
+            targets.append(f"sync path bandwidth >= 80% of a copy's: {100 * share:.0f}% {'met' if share >= 0.8 else 'NOT met'} ({what})")
+        if peak:
+            share = row["gbs"]["syncbn sync path, no comm"] / peak
+            targets.append(f"sync path bandwidth vs peak {peak:.0f} GB/s: {100 * share:.0f}% ({what})")
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="run on CPU with tiny shapes (no GPU needed)")
+    parser.add_argument("--no-install", action="store_true", help="do not pip-install this checkout first")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation")
+    parser.add_argument("--timeout", type=float, default=60.0, help="process-group timeout, seconds")
+    parser.add_argument("--json", default=None, help="write every result to this file")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny shapes: threads only add contention with the spawned ranks
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: expected a CUDA build of torch with a visible GPU, found none; "
+              "use --dry-run to exercise the script on CPU")
+        return 2
+    info = _describe(device, _install(args.no_install or args.dry_run))
+    for k, v in info.items():
+        print(f"{k:>15}: {v}")
+
+    results: list[dict[str, Any]] = []
+    results += check_no_group(device)
+    results.append(check_kernels(device))
+    phase = {"device": device, "timeout": args.timeout}
+    results += _run_phase("W=2 gloo", 2, {**phase, "backend": "gloo", "force_sync": False})
+    results += _run_phase(
+        "W=1 nccl, sync path forced" if device == "cuda" else "W=1 gloo, sync path forced",
+        1, {**phase, "backend": "nccl" if device == "cuda" else "gloo", "force_sync": True},
+    )
+    print("\ncorrectness (max error relative to max(1, |reference|), float64 references)")
+    for r in results:
+        worst = max((v for v in r["errors"].values() if isinstance(v, float)), default=0.0)
+        status = "ok  " if r["ok"] else "FAIL"
+        detail = f" worst {worst:.2e}" + (f" (tol {r['tol']:.0e})" if r.get("tol") else "") if worst else ""
+        print(f"  {status} {r['case']}{detail}" + ("" if r["ok"] else f": {'; '.join(r['failed'])}"))
+        if not r["ok"] and r.get("traceback"):
+            print("    " + r["traceback"].strip().replace("\n", "\n    "))
+
+    shapes = DRY_SHAPES if args.dry_run else RESNET50_SHAPES
+    reps = args.reps or (3 if args.dry_run else 30)
+    rows = time_layers(device, shapes, ["float32", "bfloat16"], reps=reps, warmup=1 if args.dry_run else 5)
+    peak = _peak_bandwidth_gbs(device)
+    targets = _print_timings(rows, peak)
+    print("\nspeed targets (reported, not counted)")
+    for line in targets:
+        print("  " + line)
+    passed = sum(r["ok"] for r in results)
+    failed = len(results) - passed
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results, "timings": rows, "targets": targets,
+                       "peak_gbs": peak, "seconds": time.time() - t0}, f, indent=1)
+    print(f"\n(total {time.time() - t0:.0f} s)")
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
