@@ -1,4 +1,4 @@
-"""syncbn: synchronized batch normalization for data-parallel PyTorch, on any device and backend."""
+"""syncbn: synchronized batch normalization for data-parallel PyTorch (CPU with Gloo; CUDA with NCCL)."""
 
 from .batchnorm import SyncBatchNorm, sync_batch_norm
 from .comm import new_sync_groups, set_debug, set_shared_memory

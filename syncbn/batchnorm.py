@@ -208,7 +208,7 @@ class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization whose batch statistics span every rank of a process group.
 
     A drop-in for :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` and :class:`torch.nn.SyncBatchNorm`
-    that runs on any device and backend, CPU with Gloo included. For an input ``x`` of shape
+    that runs on CPU with Gloo as well as on CUDA (see the README on GPUs). For an input ``x`` of shape
     ``(N, C, *)`` on each of the ``W`` ranks of the group, in training mode
 
     .. math::
