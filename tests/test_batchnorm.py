@@ -511,3 +511,45 @@ def test_bias_false_on_torch_without_bias_argument(monkeypatch):
         assert_close(y, expected, 1e-12, f"{cls.__name__} output")
         with_bias = cls(4, dtype=torch.float64)
         assert isinstance(with_bias.bias, nn.Parameter) and "bias=" not in repr(with_bias)
+
+
+def test_constructor_signatures_cover_torchs():
+    import inspect
+
+    def params(cls):
+        return inspect.signature(cls).parameters
+
+    # nn.SyncBatchNorm's arguments exactly (order, kind, default), syncbn's own options after them.
+    torch_sync, ours = params(nn.SyncBatchNorm), params(syncbn.SyncBatchNorm)
+    assert list(ours)[: len(torch_sync)] == list(torch_sync)
+    for name, p in torch_sync.items():
+        assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
+    # Every argument of the installed torch's BatchNorm2d on every layer, with torch's default
+    # (Batch Renormalization's momentum default, 0.01, is the paper's).
+    for cls in (syncbn.SyncBatchNorm, syncbn.SyncBatchRenorm, syncbn.FrozenBatchNorm):
+        ps = params(cls)
+        for name, p in params(nn.BatchNorm2d).items():
+            assert name in ps, f"{cls.__name__} lacks torch's {name!r}"
+            if not (cls is syncbn.SyncBatchRenorm and name == "momentum"):
+                assert ps[name].default == p.default, f"{cls.__name__}.{name}"
+    layer = syncbn.SyncBatchNorm(4, 1e-3, 0.2, False, False, None, "cpu", torch.float64)  # torch's positions
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (1e-3, 0.2, False, False)
+    assert layer.process_group is None
+    layer = syncbn.SyncBatchNorm(4, dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64 and layer.num_batches_tracked.dtype == torch.long
+
+
+def test_convert_sync_batchnorm_classmethod():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(4, bias=False)), nn.SyncBatchNorm(5))
+    params = [p for p in model.parameters()]
+    # The line torch users write, with nn.SyncBatchNorm changed to syncbn.SyncBatchNorm.
+    converted = syncbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layers = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert [type(m) for m in layers] == [syncbn.SyncBatchNorm] * 3
+    assert [p for p in converted.parameters()] == params and all(a is b for a, b in zip(converted.parameters(), params))
+    assert layers[1].bias is None and layers[1].weight is not None
+    assert [m.layer_path for m in layers] == ["0", "1.0", "2"]
+    single = syncbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(4))
+    assert type(single) is syncbn.SyncBatchNorm
+    renorm = syncbn.SyncBatchRenorm.convert_sync_batchnorm(nn.BatchNorm2d(4, momentum=0.05))
+    assert type(renorm) is syncbn.SyncBatchRenorm and renorm.momentum == 0.05
