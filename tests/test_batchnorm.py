@@ -435,9 +435,20 @@ def test_step_counting_in_group_matches_torch_on_concatenated_batch(kind):
 # Constructor parity: torch's bias argument, also on torch versions without it
 
 
+def _torch_bn_without_bias(cls: type, c: int, **kwargs) -> nn.Module:
+    """torch's ``cls(c, bias=False)``, built by hand where the installed torch lacks the argument."""
+    from syncbn.batchnorm import _TORCH_NORM_TAKES_BIAS
+
+    if _TORCH_NORM_TAKES_BIAS:
+        return cls(c, bias=False, **kwargs)
+    layer = cls(c, **kwargs)
+    layer.register_parameter("bias", None)
+    return layer
+
+
 def test_bias_false_matches_torch():
     torch.manual_seed(0)
-    ref = nn.BatchNorm2d(4, bias=False, dtype=torch.float64)
+    ref = _torch_bn_without_bias(nn.BatchNorm2d, 4, dtype=torch.float64)
     for layer in (
         syncbn.SyncBatchNorm(4, bias=False, dtype=torch.float64),
         syncbn.SyncBatchRenorm(4, momentum=0.1, bias=False, r_max=1.0, d_max=0.0, dtype=torch.float64),
@@ -446,7 +457,6 @@ def test_bias_false_matches_torch():
         assert list(layer.state_dict()) == list(ref.state_dict())
         x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
         assert_close(layer(x), ref(x), 1e-12, f"{type(layer).__name__} output")
-        ref.reset_parameters()
     frozen = syncbn.FrozenBatchNorm(4, bias=False, dtype=torch.float64)
     assert frozen.bias is None and "bias" not in frozen.state_dict()
     ref.eval()
@@ -540,7 +550,7 @@ def test_constructor_signatures_cover_torchs():
 
 
 def test_convert_sync_batchnorm_classmethod():
-    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(4, bias=False)), nn.SyncBatchNorm(5))
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(_torch_bn_without_bias(nn.BatchNorm2d, 4)), nn.SyncBatchNorm(5))
     params = [p for p in model.parameters()]
     # The line torch users write, with nn.SyncBatchNorm changed to syncbn.SyncBatchNorm.
     converted = syncbn.SyncBatchNorm.convert_sync_batchnorm(model)
