@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import comm
 from . import functional as BF
@@ -25,6 +26,11 @@ StatsSink = Callable[[Tensor, Tensor, int], None]
 # device is all there is (NCCL refuses two ranks on one GPU).
 _ALWAYS_SYNC = False
 
+# Recent torch batch norms (2.13 among them) take a keyword-only ``bias``: affine=True, bias=False
+# is a learnt scale without a shift. syncbn's layers accept it on every torch, building the same
+# thing themselves where torch's constructor does not take it.
+_TORCH_NORM_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
+
 
 def _check_input(name: str, x: Tensor, num_features: int) -> None:
     if x.dim() < 2 or x.shape[1] != num_features:
@@ -35,6 +41,18 @@ def _check_input(name: str, x: Tensor, num_features: int) -> None:
     if not x.is_floating_point():
         # Checked on every rank, also on an empty batch, so that no rank enters the collective alone.
         raise ValueError(f"{name}: expected a floating-point input, got {x.dtype}; convert it with .float()")
+
+
+def _check_eps(name: str, eps: float, training: bool) -> None:
+    # torch's F.batch_norm checks this in its forward; the synchronized path must too, on every
+    # rank before the collective (eps is the same on every rank).
+    if training and not eps > 0:
+        raise ValueError(
+            f"{name}: eps must be positive during training (it keeps var + eps away from 0), got "
+            f"{eps}; construct the layer with eps > 0 (default 1e-5)"
+        )
+    if not eps >= 0:
+        raise ValueError(f"{name}: eps must be non-negative, got {eps}; construct the layer with eps > 0")
 
 
 def _check_options(name: str, min_count: int, fallback: str) -> None:
@@ -83,10 +101,14 @@ def _batch_norm(
     # running averages, the step counter and the stats sink already took this batch.
     recompute = training and _in_backward()
     tracking = training and running_mean is not None and not recompute
+    # As in torch's layers, every training forward of a layer that tracks running statistics is one
+    # step, counted before the batch is looked at: also an empty batch (on this rank or on every
+    # rank), one below min_count (fallback or error). momentum=None divides by this count. While a
+    # stats sink collects (accumulate_bn_stats), the sink's owner counts the step instead.
+    factor = _step(momentum, num_batches_tracked, debias) if tracking and stats_sink is None else 0.0
     if not sync and renorm is None and stats_sink is None:
         count = x.numel() // x.shape[1] if x.shape[1] else 0
         if count >= min_count:
-            factor = _step(momentum, num_batches_tracked, debias) if tracking else 0.0
             # Single process: torch's own fused kernel, so results equal nn.BatchNorm bit for bit.
             # A recomputation passes factor 0 (buffers unchanged) rather than no buffers, so that it
             # saves the same tensors as the original forward, as non-reentrant checkpoint checks.
@@ -126,7 +148,6 @@ def _batch_norm(
     if stats_sink is not None and not recompute:
         stats_sink(mean, var, count)
     elif tracking:
-        factor = _step(momentum, num_batches_tracked, debias)
         BF.update_running_stats(running_mean, running_var, mean, var, count, factor)
     return SyncNormFunction.apply(x, weight, bias, mean, var, eps, count, group, sync, r, d)
 
@@ -235,6 +256,10 @@ class SyncBatchNorm(_BatchNorm):
         track_running_stats: keep running averages for eval; if False, eval also uses batch
             statistics (without communicating). Default: True.
         process_group: group whose ranks share statistics; None is the default group.
+        device, dtype: factory kwargs for parameters and buffers.
+        bias: with ``affine=True``, also learn ``bias``; False leaves ``self.bias`` None (a
+            learnt scale without a shift), as torch's ``bias=False``. Accepted on every
+            supported torch version. Default: True.
         min_count: fewest values per channel (over the group) to compute batch statistics from.
             Default: 2.
         fallback: what to do below ``min_count``: ``"raise"`` a ``ValueError`` on every rank, or
@@ -242,7 +267,13 @@ class SyncBatchNorm(_BatchNorm):
         debias: update the running statistics with the adaptive rate
             ``momentum / (1 - (1 - momentum)**t)``, the bias-corrected average of a
             zero-initialised EMA. Default: False.
-        device, dtype: factory kwargs for parameters and buffers.
+
+    The positional arguments are those of :class:`torch.nn.SyncBatchNorm` (``process_group``
+    before ``device`` and ``dtype``); everything from ``bias`` on is keyword-only. In training a
+    layer that tracks running statistics adds 1 to ``num_batches_tracked`` at every forward, as
+    torch's layers do, whatever the batch holds: also when it is empty on this rank or on every
+    rank, or below ``min_count``; the running averages change only when the group's batch has at
+    least ``min_count`` values per channel.
 
     Shape:
         - Input: ``(N, C, *)`` with at least 2 dims; ``N`` may differ across ranks and be 0.
@@ -265,16 +296,27 @@ class SyncBatchNorm(_BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         process_group: Optional[comm.ProcessGroup] = None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
         *,
+        bias: bool = True,
         min_count: int = 2,
         fallback: str = "raise",
         debias: bool = False,
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
     ) -> None:
+        bias_kwarg = {"bias": bias} if _TORCH_NORM_TAKES_BIAS else {}
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            **bias_kwarg,
         )
+        if affine and not bias and not _TORCH_NORM_TAKES_BIAS:
+            self.register_parameter("bias", None)
         self.process_group = process_group
         self.min_count = min_count
         self.fallback = fallback
@@ -306,8 +348,39 @@ class SyncBatchNorm(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         _check_input(self._layer_name(), input, self.num_features)
 
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: nn.Module, process_group: Optional[comm.ProcessGroup] = None
+    ) -> nn.Module:
+        """:func:`syncbn.convert_sync_bn` under torch's name, ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+        Replaces every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` by a
+        :class:`SyncBatchNorm` synchronized over ``process_group`` (None: the default group),
+        sharing the same Parameter and buffer objects, so code written for torch keeps working
+        with ``nn.SyncBatchNorm`` changed to ``syncbn.SyncBatchNorm``. Returns ``module`` changed
+        in place, or a new layer when ``module`` itself is a batch norm. For syncbn's own options
+        (``min_count``, ``fallback``, ``debias``, ``renorm``) call :func:`syncbn.convert_sync_bn`.
+
+        Example::
+
+            >>> model = syncbn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+        """
+        from .convert import convert_sync_bn  # convert imports this module
+
+        return convert_sync_bn(module, process_group)
+
+    def reset_parameters(self) -> None:
+        # torch's, but also right on torch versions whose own does not expect bias=False.
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
     def extra_repr(self) -> str:
         extra = super().extra_repr()
+        if self.affine and self.bias is None and "bias=" not in extra:
+            extra = extra.replace(", track_running_stats", ", bias=False, track_running_stats")
         if self.min_count != 2 or self.fallback != "raise":
             extra += f", min_count={self.min_count}, fallback={self.fallback!r}"
         if self.debias:
@@ -317,6 +390,7 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         name = self._layer_name()
         _check_input(name, input, self.num_features)
+        _check_eps(name, self.eps, self.training or self.running_mean is None)
         return _batch_norm(
             input,
             self.running_mean,

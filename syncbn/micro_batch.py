@@ -217,6 +217,12 @@ class FrozenBatchNorm(nn.Module):
         affine: hold ``weight`` and ``bias`` buffers (as a batch norm with ``affine=True`` has
             parameters). Default: True.
         device, dtype: factory kwargs for the buffers.
+        bias: with ``affine=True``, also hold ``bias``; False leaves ``self.bias`` None (no shift),
+            as torch's batch norms' ``bias=False``. Default: True.
+        momentum: accepted (keyword-only) for parity with torch's batch norms and kept as an
+            attribute; a frozen layer never updates, so it has no effect. Default: 0.1.
+        track_running_stats: accepted (keyword-only) for parity; must be True, as the layer
+            normalizes with its running statistics. Default: True.
 
     Shape:
         - Input: ``(N, C, *)``; Output: same shape.
@@ -236,14 +242,24 @@ class FrozenBatchNorm(nn.Module):
         affine: bool = True,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+        momentum: Optional[float] = 0.1,
+        track_running_stats: bool = True,
     ) -> None:
         super().__init__()
+        if not track_running_stats:
+            raise ValueError(
+                f"FrozenBatchNorm({num_features}): expected track_running_stats=True (a frozen "
+                "batch norm normalizes with its running statistics), got False"
+            )
         kw = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
+        self.momentum = momentum
         self.affine = affine
         self.register_buffer("weight", torch.ones(num_features, **kw) if affine else None)
-        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine else None)
+        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine and bias else None)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -257,7 +273,8 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        extra = f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        return extra + (", bias=False" if self.affine and self.bias is None else "")
 
     def forward(self, input: Tensor) -> Tensor:
         _check_input(f"FrozenBatchNorm({self.num_features})", input, self.num_features)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from . import comm
 from .batchnorm import SyncBatchNorm
@@ -104,6 +105,10 @@ class SyncBatchRenorm(SyncBatchNorm):
             output. Default: 0.01.
         affine: learn per-channel ``weight`` (gamma) and ``bias`` (beta). Default: True.
         process_group: group whose ranks share statistics; None is the default group.
+        track_running_stats: accepted for parity with torch's batch norms; must be True, as
+            ``r`` and ``d`` compare the batch with the running statistics. Default: True.
+        bias: with ``affine=True``, also learn ``bias``; False leaves ``self.bias`` None, as
+            torch's ``bias=False``. Default: True.
         r_max: final limit of ``r``, at least 1. Default: 3.0.
         d_max: final limit of ``|d|``, at least 0. Default: 5.0.
         schedule: a :class:`RenormSchedule` (or any object with ``limits(step, r_max, d_max)``)
@@ -144,7 +149,15 @@ class SyncBatchRenorm(SyncBatchNorm):
         debias: bool = False,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        track_running_stats: bool = True,
+        bias: bool = True,
     ) -> None:
+        if not track_running_stats:
+            raise ValueError(
+                f"{type(self).__name__}({num_features}): expected track_running_stats=True (Batch "
+                "Renormalization corrects the batch statistics towards the running ones), got False; "
+                "use syncbn.SyncBatchNorm(track_running_stats=False) for batch statistics only"
+            )
         super().__init__(
             num_features,
             eps,
@@ -152,11 +165,12 @@ class SyncBatchRenorm(SyncBatchNorm):
             affine,
             True,
             process_group,
+            device=device,
+            dtype=dtype,
+            bias=bias,
             min_count=min_count,
             fallback=fallback,
             debias=debias,
-            device=device,
-            dtype=dtype,
         )
         name = self._layer_name()
         if not r_max >= 1.0:
@@ -171,6 +185,20 @@ class SyncBatchRenorm(SyncBatchNorm):
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.schedule = schedule
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: nn.Module, process_group: Optional[comm.ProcessGroup] = None
+    ) -> nn.Module:
+        """:func:`syncbn.convert_sync_bn` with ``renorm=True``: batch norms become :class:`SyncBatchRenorm`.
+
+        Each layer keeps its own momentum and gets the default limits (``r_max=3``, ``d_max=5``,
+        no schedule); for a schedule or other limits call :func:`syncbn.convert_sync_bn` with a
+        ``renorm`` dict.
+        """
+        from .convert import convert_sync_bn  # convert imports this module
+
+        return convert_sync_bn(module, process_group, renorm=True)
 
     def current_limits(self) -> tuple[float, float]:
         """The ``(r_max, d_max)`` the next training step uses, from the schedule and step counter."""

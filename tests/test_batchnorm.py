@@ -354,3 +354,212 @@ def test_integer_input_rejected_before_any_collective():
     bn = syncbn.SyncBatchNorm(3)
     with pytest.raises(ValueError, match=r"SyncBatchNorm\(3\): expected a floating-point input, got torch.int64"):
         bn(torch.zeros(0, 3, 2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------
+# Step counting like torch: every training forward counts, whatever the batch holds
+
+
+def _sequence_against_torch(layer, ref, batches, slices, exact):
+    """Feed each full batch to torch's ``ref`` and this rank's slice to ``layer``; after every step
+    the counter must equal torch's and the running statistics torch's (bit for bit when ``exact``)."""
+    for step, (full, (lo, hi)) in enumerate(zip(batches, slices)):
+        count = full.numel() // full.shape[1]
+        if count == 1:
+            # torch counts the step, then refuses one value per channel; syncbn's fallback='running'
+            # normalizes with the running statistics instead: the same state afterwards.
+            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+                ref(full)
+        else:
+            ref(full)
+        layer(full[lo:hi])
+        what = f"step {step} ({count} values per channel)"
+        assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1, what
+        for key in ("running_mean", "running_var"):
+            a, e = getattr(layer, key), getattr(ref, key)
+            if exact:
+                assert torch.equal(a, e), f"{what}: {key} not bit for bit torch's"
+            else:
+                assert_close(a, e, 1e-12, f"{what}: {key}")
+
+
+def _counting_batches(sizes_per_step, c=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(sum(s), c, 2, generator=gen, dtype=torch.float64) * 3 + 1 for s in sizes_per_step]
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_step_counting_without_group_is_torch_bit_for_bit(momentum):
+    # Empty batches and a batch of one sample with one value per channel between normal ones:
+    # num_batches_tracked counts every training forward, so momentum=None keeps dividing as torch.
+    sizes = [[4], [0], [3], [1], [0], [5]]
+    batches = [b[:, :, :1] if s == [1] else b for b, s in zip(_counting_batches(sizes), sizes)]
+    ref = nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+    layer = syncbn.SyncBatchNorm(3, momentum=momentum, fallback="running", dtype=torch.float64)
+    _sequence_against_torch(layer, ref, batches, [(0, b.shape[0]) for b in batches], exact=True)
+    # fallback='raise' (the default): raises like torch, after counting like torch.
+    layer = syncbn.SyncBatchNorm(3, momentum=momentum, dtype=torch.float64)
+    with pytest.raises(ValueError, match="expected at least 2 values per channel"):
+        layer(batches[3])
+    assert int(layer.num_batches_tracked) == 1
+
+
+def _counting_in_group(rank, world_size, kind):
+    # Uneven, empty on this rank, empty on every rank, one value in the whole group (fallback).
+    sizes = [[2, 3], [0, 2], [0, 0], [1, 0], [3, 0], [0, 0], [2, 2]]
+    batches = _counting_batches(sizes, seed=1)
+    slices = [(sum(s[:rank]), sum(s[: rank + 1])) for s in sizes]
+    batches = [b[:, :, :1] if sum(s) == 1 else b for b, s in zip(batches, sizes)]
+    ref = nn.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    group = dist.new_group(list(range(world_size)))
+    cls = syncbn.SyncBatchRenorm if kind == "renorm" else syncbn.SyncBatchNorm
+    # The classmethod torch users call, with an explicit group.
+    layer = cls.convert_sync_batchnorm(nn.BatchNorm1d(3, momentum=None, dtype=torch.float64), group)
+    assert type(layer) is cls and layer.process_group is group
+    layer.fallback = "running"
+    if kind == "renorm":
+        layer.r_max, layer.d_max = 1.0, 0.0
+    _sequence_against_torch(layer, ref, batches, slices, exact=False)
+    stats = torch.cat([layer.running_mean, layer.running_var, layer.num_batches_tracked.double().view(1)])
+    gathered = [torch.empty_like(stats) for _ in range(world_size)]
+    dist.all_gather(gathered, stats)
+    assert all(torch.equal(g, stats) for g in gathered), "state differs across ranks"
+
+
+@pytest.mark.parametrize("kind", ["bn", "renorm"])
+def test_step_counting_in_group_matches_torch_on_concatenated_batch(kind):
+    run_on_ranks(2, _counting_in_group, kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Constructor parity: torch's bias argument, also on torch versions without it
+
+
+def _torch_bn_without_bias(cls: type, c: int, **kwargs) -> nn.Module:
+    """torch's ``cls(c, bias=False)``, built by hand where the installed torch lacks the argument."""
+    from syncbn.batchnorm import _TORCH_NORM_TAKES_BIAS
+
+    if _TORCH_NORM_TAKES_BIAS:
+        return cls(c, bias=False, **kwargs)
+    layer = cls(c, **kwargs)
+    layer.register_parameter("bias", None)
+    return layer
+
+
+def test_bias_false_matches_torch():
+    torch.manual_seed(0)
+    ref = _torch_bn_without_bias(nn.BatchNorm2d, 4, dtype=torch.float64)
+    for layer in (
+        syncbn.SyncBatchNorm(4, bias=False, dtype=torch.float64),
+        syncbn.SyncBatchRenorm(4, momentum=0.1, bias=False, r_max=1.0, d_max=0.0, dtype=torch.float64),
+    ):
+        assert layer.bias is None and isinstance(layer.weight, nn.Parameter)
+        assert list(layer.state_dict()) == list(ref.state_dict())
+        x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+        assert_close(layer(x), ref(x), 1e-12, f"{type(layer).__name__} output")
+    frozen = syncbn.FrozenBatchNorm(4, bias=False, dtype=torch.float64)
+    assert frozen.bias is None and "bias" not in frozen.state_dict()
+    ref.eval()
+    frozen.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    assert torch.equal(frozen(x), ref(x))
+    assert repr(frozen) == "FrozenBatchNorm(4, eps=1e-05, affine=True, bias=False)"
+    # Refused with a reason, not silently ignored: these layers need running statistics.
+    with pytest.raises(ValueError, match="FrozenBatchNorm\\(4\\): expected track_running_stats=True"):
+        syncbn.FrozenBatchNorm(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="SyncBatchRenorm\\(4\\): expected track_running_stats=True"):
+        syncbn.SyncBatchRenorm(4, track_running_stats=False)
+
+
+def test_bias_false_on_torch_without_bias_argument(monkeypatch):
+    """What torch versions whose batch norms take no ``bias`` get: syncbn builds it itself."""
+    import inspect
+
+    from torch.nn.modules import batchnorm as tbn
+
+    from syncbn import batchnorm as sbn
+
+    real_init = tbn._NormBase.__init__
+
+    def old_norm_init(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None):
+        real_init(self, num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+
+    def old_bn_init(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None):
+        tbn._NormBase.__init__(self, num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+
+    def old_reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)  # no bias=False then: fails on None
+
+    def old_extra_repr(self):
+        return "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, track_running_stats={track_running_stats}".format(**self.__dict__)
+
+    monkeypatch.setattr(tbn._NormBase, "__init__", old_norm_init)
+    monkeypatch.setattr(tbn._BatchNorm, "__init__", old_bn_init)
+    monkeypatch.setattr(tbn._NormBase, "reset_parameters", old_reset_parameters)
+    monkeypatch.setattr(tbn._NormBase, "extra_repr", old_extra_repr)
+    monkeypatch.setattr(sbn, "_TORCH_NORM_TAKES_BIAS", "bias" in inspect.signature(tbn._NormBase.__init__).parameters)
+    assert not sbn._TORCH_NORM_TAKES_BIAS
+    with pytest.raises(TypeError):
+        nn.BatchNorm2d(4, bias=False)  # the old torch really refuses it
+
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    renorm = {"r_max": 1.0, "d_max": 0.0}
+    for cls, kw, extra in ((syncbn.SyncBatchNorm, {}, ""), (syncbn.SyncBatchRenorm, renorm, ", r_max=1.0, d_max=0.0")):
+        layer = cls(4, bias=False, dtype=torch.float64, **kw)
+        assert layer.bias is None and isinstance(layer.weight, nn.Parameter)
+        assert "bias" not in layer.state_dict() and [n for n, _ in layer.named_parameters()] == ["weight"]
+        momentum = layer.momentum
+        assert repr(layer) == (
+            f"{cls.__name__}(4, eps=1e-05, momentum={momentum}, affine=True, bias=False, track_running_stats=True{extra})"
+        )
+        layer.reset_parameters()
+        y = layer(x)
+        expected = F.batch_norm(x, None, None, layer.weight, None, True, 0.0, layer.eps)
+        assert_close(y, expected, 1e-12, f"{cls.__name__} output")
+        with_bias = cls(4, dtype=torch.float64)
+        assert isinstance(with_bias.bias, nn.Parameter) and "bias=" not in repr(with_bias)
+
+
+def test_constructor_signatures_cover_torchs():
+    import inspect
+
+    def params(cls):
+        return inspect.signature(cls).parameters
+
+    # nn.SyncBatchNorm's arguments exactly (order, kind, default), syncbn's own options after them.
+    torch_sync, ours = params(nn.SyncBatchNorm), params(syncbn.SyncBatchNorm)
+    assert list(ours)[: len(torch_sync)] == list(torch_sync)
+    for name, p in torch_sync.items():
+        assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
+    # Every argument of the installed torch's BatchNorm2d on every layer, with torch's default
+    # (Batch Renormalization's momentum default, 0.01, is the paper's).
+    for cls in (syncbn.SyncBatchNorm, syncbn.SyncBatchRenorm, syncbn.FrozenBatchNorm):
+        ps = params(cls)
+        for name, p in params(nn.BatchNorm2d).items():
+            assert name in ps, f"{cls.__name__} lacks torch's {name!r}"
+            if not (cls is syncbn.SyncBatchRenorm and name == "momentum"):
+                assert ps[name].default == p.default, f"{cls.__name__}.{name}"
+    layer = syncbn.SyncBatchNorm(4, 1e-3, 0.2, False, False, None, "cpu", torch.float64)  # torch's positions
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (1e-3, 0.2, False, False)
+    assert layer.process_group is None
+    layer = syncbn.SyncBatchNorm(4, dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64 and layer.num_batches_tracked.dtype == torch.long
+
+
+def test_convert_sync_batchnorm_classmethod():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(_torch_bn_without_bias(nn.BatchNorm2d, 4)), nn.SyncBatchNorm(5))
+    params = [p for p in model.parameters()]
+    # The line torch users write, with nn.SyncBatchNorm changed to syncbn.SyncBatchNorm.
+    converted = syncbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layers = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert [type(m) for m in layers] == [syncbn.SyncBatchNorm] * 3
+    assert [p for p in converted.parameters()] == params and all(a is b for a, b in zip(converted.parameters(), params))
+    assert layers[1].bias is None and layers[1].weight is not None
+    assert [m.layer_path for m in layers] == ["0", "1.0", "2"]
+    single = syncbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(4))
+    assert type(single) is syncbn.SyncBatchNorm
+    renorm = syncbn.SyncBatchRenorm.convert_sync_batchnorm(nn.BatchNorm2d(4, momentum=0.05))
+    assert type(renorm) is syncbn.SyncBatchRenorm and renorm.momentum == 0.05

@@ -52,8 +52,11 @@ def _state(layer):
     return {k: v.clone() for k, v in layer.state_dict().items()}
 
 
-def _assert_state_unchanged(layer, before, what):
+def _assert_state_unchanged(layer, before, what, steps=0):
+    """Every entry of the state unchanged, but num_batches_tracked grown by ``steps``."""
     for key, value in before.items():
+        if key == "num_batches_tracked":
+            value = value + steps
         assert torch.equal(layer.state_dict()[key], value), f"{what}: {key} changed"
 
 
@@ -70,11 +73,12 @@ def _empty_group(rank, world_size, kind):
     y = layer(x)
     assert y.shape == (0, 3, 4)
     y.sum().backward()
-    _assert_state_unchanged(layer, before, "empty group")
+    # Like torch's layers, the empty step counts (num_batches_tracked) but changes no statistic.
+    _assert_state_unchanged(layer, before, "empty group", steps=1)
     assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
     # The group is still in step: a normal step runs and agrees on every rank.
     _train_once(layer, rank, [1] * world_size, gen)
-    assert int(layer.num_batches_tracked) == 2
+    assert int(layer.num_batches_tracked) == 3
     stats = torch.cat([layer.running_mean, layer.running_var])
     assert torch.equal(_all_reduce(stats), stats * world_size)
 
@@ -96,7 +100,8 @@ def _too_few_raise(rank, world_size, kind, sizes, min_count):
     expected = f"{name}: expected at least {min_count} values per channel across the process group.*got {count}\\."
     assert re.match(expected, msg), msg
     assert "larger batch" in msg and "drop_last=True" in msg and "fallback='running'" in msg, msg
-    _assert_state_unchanged(layer, before, "after the error")
+    # torch counts the step before it raises for too few values; so does syncbn.
+    _assert_state_unchanged(layer, before, "after the error", steps=1)
     # Every rank raised after the same single all_reduce: the group is still in step.
     _train_once(layer, rank, [2] * world_size, torch.Generator().manual_seed(0))
     dist.barrier()
@@ -135,9 +140,9 @@ def _too_few_running(rank, world_size, kind, sizes, min_count):
     assert_close(_all_reduce(layer.weight.grad), weight.grad, TOL, "grad_weight")
     assert_close(_all_reduce(layer.bias.grad), bias.grad, TOL, "grad_bias")
     assert weight.grad.abs().sum() > 0 and bias.grad.abs().sum() > 0
-    _assert_state_unchanged(layer, before, "fallback='running'")
+    _assert_state_unchanged(layer, before, "fallback='running'", steps=1)
     _train_once(layer, rank, [2] * world_size, gen)
-    assert int(layer.num_batches_tracked) == 2
+    assert int(layer.num_batches_tracked) == 3
 
 
 @pytest.mark.parametrize(
@@ -157,7 +162,7 @@ def test_fallbacks_without_process_group():
     layer.running_mean.fill_(0.5)
     x = torch.randn(1, 3)
     assert torch.equal(layer(x), F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps))
-    assert int(layer.num_batches_tracked) == 0
+    assert int(layer.num_batches_tracked) == 1  # a training step, counted as torch counts it
     with pytest.raises(ValueError, match="min_count >= 2"):
         syncbn.SyncBatchNorm(3, min_count=1)
 
