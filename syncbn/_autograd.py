@@ -8,7 +8,7 @@ On CUDA both go through torch's fused SyncBatchNorm kernels, elsewhere through t
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -46,14 +46,15 @@ class SyncNormFunction(torch.autograd.Function):
         mean: Tensor,
         var: Tensor,
         eps: float,
-        count: int,
+        count: Union[int, Tensor],
         group: Optional[comm.ProcessGroup],
         sync: bool,
         r: Optional[Tensor],
         d: Optional[Tensor],
+        usable: Optional[Tensor] = None,
     ) -> Tensor:
         ctx.fused = BF.uses_fused_kernels(x)
-        ctx.eps, ctx.count, ctx.group, ctx.sync = eps, count, group, sync
+        ctx.eps, ctx.count, ctx.group, ctx.sync, ctx.usable = eps, count, group, sync, usable
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else mean.dtype
         if ctx.fused:
@@ -86,16 +87,24 @@ class SyncNormFunction(torch.autograd.Function):
             group_sums = comm.all_reduce_sum(local.to(torch.float64), ctx.group).to(mean.dtype)
         else:
             group_sums = local
+        if ctx.usable is not None:
+            # A group below min_count normalized with the running statistics, constants for
+            # autograd: the batch terms of the gradient vanish (every rank still reduced above).
+            group_sums = group_sums * ctx.usable
 
         grad_x = grad_w = grad_b = None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        count = ctx.count
         if need_x and ctx.fused:
-            count = torch.full((1,), ctx.count, dtype=torch.int32, device=x.device)
+            if isinstance(count, Tensor):
+                count = count.to(torch.int32).reshape(1)  # stays on the device: no host read
+            else:
+                count = torch.full((1,), count, dtype=torch.int32, device=x.device)
             grad_x = BF.fused_grad_input(
                 grad_out, x, mean, invstd, scale, group_sums[:c], group_sums[c:], count
             )
         elif need_x:
-            means = group_sums.div_(ctx.count)
+            means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
             grad_x = BF.grad_input(grad_out, x, mean, var, ctx.eps, scale, means[:c], means[c:])
         if need_w:
             # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
@@ -104,4 +113,4 @@ class SyncNormFunction(torch.autograd.Function):
             grad_w = grad_w.to(ctx.weight_dtype)
         if need_b:
             grad_b = sum_dy.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,9 @@ __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
 _FALLBACKS = ("raise", "running")
 
-# Receives a layer's group batch statistics: (mean, biased var, count) -> None.
-StatsSink = Callable[[Tensor, Tensor, int], None]
+# Receives a layer's group batch statistics: (mean, biased var, count) -> None. The count is a
+# Python int on one process and a 0-dim float64 tensor (zero for an unusable batch) in a group.
+StatsSink = Callable[[Tensor, Tensor, Union[int, Tensor]], None]
 
 # Take the synchronized path (local statistics, all_reduce, SyncNormFunction) even in a group of
 # one rank. Only benchmarks/gpu_check.py and tests set it, to run that path where one process per
@@ -112,44 +113,96 @@ def _batch_norm(
             # Single process: torch's own fused kernel, so results equal nn.BatchNorm bit for bit.
             # A recomputation passes factor 0 (buffers unchanged) rather than no buffers, so that it
             # saves the same tensors as the original forward, as non-reentrant checkpoint checks.
-            return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
-        mean = var = None
-    else:
-        mean, var, count = BF.local_stats(x)
-        if sync:
-            if comm.debug_enabled():
-                owned = running_mean if running_mean is not None else weight
-                comm.check_consistency(name, x, group, key=owned)
-            packed = comm.all_reduce_sum(BF.pack_stats(mean, var, count), group)
-            mean, var, count = BF.unpack_stats(packed, mean.dtype)
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, float(factor), eps)
+        _check_count(name, count, min_count, fallback, running_mean is not None, sync)
+        return _below_min_count(x, running_mean, running_var, weight, bias, eps)
 
-    if count == 0:
-        # Every rank of the group is empty: nothing to normalize, nothing to learn from.
-        ones = torch.ones(x.shape[1], dtype=BF.stat_dtype(x.dtype), device=x.device)
-        return BF.normalize(x, torch.zeros_like(ones), ones, weight, bias, eps)
-    if count < min_count:
-        if fallback == "running" and running_mean is not None:
-            return BF.normalize(x, running_mean, running_var, weight, bias, eps)
-        where = "across the process group" if sync else "in the batch"
-        remedy = (
-            "pass fallback='running' to normalize with the running statistics"
-            if running_mean is not None
-            else "track running statistics and pass fallback='running'"
-        )
-        raise ValueError(
-            f"{name}: expected at least {min_count} values per channel {where} to compute batch "
-            f"statistics, got {count}. Use a larger batch, drop the last incomplete batch "
-            f"(DataLoader(drop_last=True)), or {remedy}."
-        )
+    mean, var, count = BF.local_stats(x)
+    if sync:
+        if comm.debug_enabled():
+            owned = running_mean if running_mean is not None else weight
+            comm.check_consistency(name, x, group, key=owned)
+        packed = comm.all_reduce_sum(BF.pack_stats(mean, var, count), group)
+        # The group's count stays a tensor: every decision below is tensor arithmetic that every
+        # rank computes alike, with no host read (torch.compile and CUDA graphs need that).
+        mean, var, count = BF.unpack_stats(packed, mean.dtype)
+        usable = count >= min_count
+        if fallback == "raise" or running_mean is None:
+            _check_group_count(name, count, usable, min_count, running_mean is not None)
+        elif running_mean is not None:
+            # Below min_count the running statistics stand in, as constants for autograd.
+            mean = torch.where(usable, mean, running_mean.to(mean.dtype))
+            var = torch.where(usable, var, running_var.to(var.dtype))
+    else:
+        _check_count(name, count, min_count, fallback, running_mean is not None, sync)
+        usable = None
+        if count < min_count:
+            return _below_min_count(x, running_mean, running_var, weight, bias, eps)
 
     r = d = None
     if renorm is not None and running_mean is not None:
         r, d = BF.renorm_factors(mean, var, running_mean, running_var, eps, *renorm)
     if stats_sink is not None and not recompute:
-        stats_sink(mean, var, count)
+        # An unusable group batch adds nothing to the collected statistics.
+        stats_sink(mean, var, count if usable is None else count * usable)
     elif tracking:
-        BF.update_running_stats(running_mean, running_var, mean, var, count, factor)
-    return SyncNormFunction.apply(x, weight, bias, mean, var, eps, count, group, sync, r, d)
+        BF.update_running_stats(
+            running_mean, running_var, mean, var, count,
+            factor if usable is None else usable.to(torch.float64) * factor,  # float64, as a Python float
+        )
+    return SyncNormFunction.apply(x, weight, bias, mean, var, eps, count, group, sync, r, d, usable)
+
+
+def _below_min_count(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    """One process below min_count (after the checks): the running statistics, or an empty batch."""
+    if running_mean is None:
+        # Only an empty batch gets here: nothing to normalize, nothing to learn from.
+        ones = torch.ones(x.shape[1], dtype=BF.stat_dtype(x.dtype), device=x.device)
+        return BF.normalize(x, torch.zeros_like(ones), ones, weight, bias, eps)
+    return BF.normalize(x, running_mean, running_var, weight, bias, eps)
+
+
+def _too_few(name: str, count: Any, min_count: int, where: str, tracks_running: bool) -> str:
+    remedy = (
+        "pass fallback='running' to normalize with the running statistics"
+        if tracks_running
+        else "track running statistics and pass fallback='running'"
+    )
+    return (
+        f"{name}: expected at least {min_count} values per channel {where} to compute batch "
+        f"statistics, got {count}. Use a larger batch, drop the last incomplete batch "
+        f"(DataLoader(drop_last=True)), or {remedy}."
+    )
+
+
+def _check_count(name: str, count: int, min_count: int, fallback: str, tracks_running: bool, sync: bool) -> None:
+    """Raise the too-few-values ``ValueError`` for a local ``count`` (0 means an empty batch: no error)."""
+    if 0 < count < min_count and not (fallback == "running" and tracks_running):
+        where = "across the process group" if sync else "in the batch"
+        raise ValueError(_too_few(name, count, min_count, where, tracks_running))
+
+
+def _check_group_count(name: str, count: Tensor, usable: Tensor, min_count: int, tracks_running: bool) -> None:
+    """Fail loudly on every rank when the group has 1 to ``min_count - 1`` values per channel.
+
+    Eagerly the count is read on the host (the one host read of a synchronized forward) and the
+    ``ValueError`` names it. Under ``torch.compile`` nothing is read: ``torch._assert_async`` stops
+    the step instead (a RuntimeError on CPU, a device-side assert on CUDA), with the same advice.
+    """
+    if torch.compiler.is_compiling():
+        ok = usable | (count == 0)
+        torch._assert_async(ok, _too_few(name, f"fewer (compiled: count not read)", min_count, "across the process group", tracks_running))
+        return
+    n = int(count.item())
+    if 0 < n < min_count:
+        raise ValueError(_too_few(name, n, min_count, "across the process group", tracks_running))
 
 
 def _in_backward() -> bool:
@@ -163,8 +216,10 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _step(momentum: Optional[float], num_batches_tracked: Optional[Tensor], debias: bool) -> float:
-    """Count one more tracked batch and return this step's running-average factor."""
+def _step(
+    momentum: Optional[float], num_batches_tracked: Optional[Tensor], debias: bool
+) -> Union[float, Tensor]:
+    """Count one more tracked batch and return this step's running-average factor (no host read)."""
     if num_batches_tracked is None:
         if momentum is None:
             raise ValueError("momentum=None (cumulative average) needs a num_batches_tracked counter")

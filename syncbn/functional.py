@@ -9,7 +9,7 @@ Conventions: ``x`` has shape ``(N, C, *)``; per-channel vectors have shape ``(C,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -109,34 +109,33 @@ def local_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
     return mean, var, count
 
 
-def pack_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
+def pack_stats(mean: Tensor, var: Tensor, count: Union[int, Tensor]) -> Tensor:
     """Pack local statistics as float64 ``[sum (C), sum of squares (C), count (1)]``.
 
     Sums of values and of squares add across ranks, so one all_reduce of this vector gives the
     group's sums. The float64 merge itself adds a relative error of ~1e-16 * (mean/std)**2 to the
     variance; what limits float32 and half inputs is that each rank's mean arrives rounded to
     float32 (see the README's guarantees for measured errors). float64 sums of squares overflow
-    for values beyond about 1e150.
+    for values beyond about 1e150. ``count`` may be a 0-dim tensor (no host read).
     """
     c = mean.numel()
     packed = torch.cat([mean, var, mean.new_ones(1)]).to(torch.float64)
     m = packed[:c]
     packed[c : 2 * c].addcmul_(m, m)  # n * (var + mean^2) = sum of squares
-    return packed.mul_(float(count))
+    return packed.mul_(count)
 
 
-def unpack_stats(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+def unpack_stats(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and biased variance (in ``dtype``) and total count from a (reduced) packed vector.
 
-    Works in place on ``packed``. The variance is clamped at 0: rounding can never make it
-    negative. A count of 0 gives zeros.
+    Works in place on ``packed``. The count comes back as a 0-dim float64 tensor (exact for any
+    count below 2**53), so nothing is read on the host. The variance is clamped at 0: rounding can
+    never make it negative. A count of 0 gives zeros.
     """
     c = (packed.numel() - 1) // 2
-    count = int(round(packed[-1].item()))
-    if count == 0:
-        zeros = packed.new_zeros(2 * c, dtype=dtype)
-        return zeros[:c], zeros[c:], 0
-    moments = packed[: 2 * c].div_(count)
+    count = packed[-1]
+    # Dividing by at least 1 leaves the all-zero sums of an empty group at zero.
+    moments = packed[: 2 * c].div_(count.clamp(min=1.0))
     mean = moments[:c]
     moments[c:].addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)
     out = moments.to(dtype)
@@ -145,30 +144,46 @@ def unpack_stats(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, in
 
 def exponential_average_factor(
     momentum: Optional[float], num_batches_tracked: Tensor, debias: bool = False
-) -> float:
+) -> Union[float, Tensor]:
     """The running-average weight of this step, given the already incremented step counter.
 
     ``momentum=None`` gives the cumulative average ``1 / t`` as torch does. With ``debias`` the
     rate is ``m / (1 - (1 - m)**t)``, which makes the buffers equal the bias-corrected average
-    ``r_t / (1 - (1 - m)**t)`` of a zero-initialised EMA ``r_t``.
+    ``r_t / (1 - (1 - m)**t)`` of a zero-initialised EMA ``r_t``. Those two come back as 0-dim
+    float64 tensors computed on the counter's device (no host read; the same float64 arithmetic
+    as on the host); a fixed momentum comes back as the float itself.
     """
     if momentum is not None and not debias:
-        return momentum  # the common case reads no tensor (no device sync on GPU)
-    t = int(num_batches_tracked.item())
+        return momentum
+    t = num_batches_tracked.to(torch.float64)
     if momentum is None:
-        return 1.0 / t
-    return momentum / (1.0 - (1.0 - momentum) ** t)
+        return t.reciprocal()
+    return momentum / (1.0 - torch.pow(1.0 - momentum, t))
 
 
 def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Union[int, Tensor],
+    factor: Union[float, Tensor],
 ) -> None:
     """``running = (1 - factor) * running + factor * batch`` in place, with the unbiased variance.
 
-    ``count`` must be at least 2 (the unbiased variance divides by ``count - 1``).
+    With a Python ``count`` it must be at least 2 (the unbiased variance divides by
+    ``count - 1``). A tensor ``count`` (and ``factor``) needs no host read; where it is below 2 the
+    Bessel ratio is kept finite, and the caller passes ``factor = 0``, which leaves the buffers
+    exactly as they were.
     """
     with torch.no_grad():
-        unbiased = var.to(running_var.dtype) * (count / (count - 1))
+        if isinstance(count, Tensor):
+            bessel = count / (count.clamp(min=2.0) - 1.0)
+        else:
+            bessel = count / (count - 1)
+        if isinstance(factor, Tensor):
+            factor = factor.to(running_mean.dtype)
+        unbiased = var.to(running_var.dtype) * bessel
         running_mean.lerp_(mean.to(running_mean.dtype), factor)
         running_var.lerp_(unbiased, factor)
 
@@ -195,20 +210,27 @@ def renorm_factors(
     running_mean: Tensor,
     running_var: Tensor,
     eps: float,
-    r_max: float,
-    d_max: float,
+    r_max: Union[float, Tensor],
+    d_max: Union[float, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Batch Renormalization's ``r`` and ``d`` (Ioffe 2017), both free of autograd history.
 
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``
-    with ``sigma_B = sqrt(var + eps)`` from the batch and ``sigma = sqrt(running_var + eps)``.
+    with ``sigma_B = sqrt(var + eps)`` from the batch and ``sigma = sqrt(running_var + eps)``. The
+    limits may be 0-dim tensors (a schedule stepped on the device).
     """
     with torch.no_grad():
         rm = running_mean.to(mean.dtype)
         sigma = (running_var.to(var.dtype) + eps).sqrt()
-        r = ((var + eps).sqrt() / sigma).clamp_(1.0 / r_max, r_max)
-        d = ((mean - rm) / sigma).clamp_(-d_max, d_max)
-    return r, d
+        r = (var + eps).sqrt() / sigma
+        d = (mean - rm) / sigma
+        if isinstance(r_max, Tensor):
+            # float64 limits, rounded to the statistics dtype only at the end, as Python floats are.
+            r_lo, r_hi = (1.0 / r_max).to(r.dtype), r_max.to(r.dtype)
+            d_hi = torch.as_tensor(d_max, dtype=torch.float64, device=d.device)
+            d_lo, d_hi = (-d_hi).to(d.dtype), d_hi.to(d.dtype)
+            return torch.minimum(torch.maximum(r, r_lo), r_hi), torch.minimum(torch.maximum(d, d_lo), d_hi)
+        return r.clamp_(1.0 / r_max, r_max), d.clamp_(-d_max, d_max)
 
 
 def fold_affine(

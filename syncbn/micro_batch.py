@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from itertools import islice
-from typing import Any, Iterable, Iterator, Optional
+from typing import Union, Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ class _StatsAccumulator:
     def __init__(self) -> None:
         self.packed: Optional[Tensor] = None
 
-    def __call__(self, mean: Tensor, var: Tensor, count: int) -> None:
+    def __call__(self, mean: Tensor, var: Tensor, count: Union[int, Tensor]) -> None:
         packed = BF.pack_stats(mean, var, count)
         self.packed = packed if self.packed is None else self.packed + packed
 
@@ -39,7 +39,8 @@ class _StatsAccumulator:
         """Mean, biased variance (float64) and count of everything seen; count 0 if nothing."""
         if self.packed is None:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 0
-        return BF.unpack_stats(self.packed.clone(), torch.float64)  # unpack works in place
+        mean, var, count = BF.unpack_stats(self.packed.clone(), torch.float64)  # unpack works in place
+        return mean, var, int(count.item())
 
 
 def _tracking_layers(module: nn.Module, caller: str) -> list[SyncBatchNorm]:
