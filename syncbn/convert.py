@@ -151,9 +151,16 @@ def _carry(src: nn.Module, dst: nn.Module, *, affine: str = "share") -> nn.Modul
 
 
 def _restore(current: nn.Module, original: nn.Module) -> nn.Module:
-    """Give back ``original`` (kept by a rule) holding ``current``'s state: the inverse of any rule."""
+    """Give back ``original`` (kept by a rule) holding ``current``'s state: the inverse of any rule.
+
+    Only what ``current`` holds under the same name moves (a builder may have returned a wrapper
+    that shares the original's Parameter objects instead).
+    """
+    held = {**current._parameters, **current._buffers}
     for name, param in list(original._parameters.items()):
-        value = getattr(current, name, None)
+        if name not in held:
+            continue
+        value = held[name]
         if isinstance(value, nn.Parameter) or value is None:
             setattr(original, name, value)
         elif param is not None:

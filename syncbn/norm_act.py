@@ -25,17 +25,27 @@ __all__ = ["SyncBatchNormAct", "SyncBatchRenormAct", "FrozenBatchNormAct", "Batc
 
 
 class _DropAct:
-    """Mixin: ``forward(x) = act(drop(<the normalization's forward>(x)))``."""
+    """Mixin: ``forward(x) = act(drop(<the normalization's forward>(x)))``.
 
-    drop: nn.Module
-    act: nn.Module
+    ``drop`` and ``act`` are child modules; one that is absent is the identity (timm's
+    ``SyncBatchNormAct`` may lack either), so a converted layer holds exactly the children of its
+    source.
+    """
 
     def _init_drop_act(self, drop: Optional[nn.Module], act: Optional[nn.Module]) -> None:
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
+        if drop is not None:
+            self.drop = drop
+        if act is not None:
+            self.act = act
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(input)))  # type: ignore[misc]
+        out = super().forward(input)  # type: ignore[misc]
+        modules = self._modules  # type: ignore[attr-defined]
+        if modules.get("drop") is not None:
+            out = modules["drop"](out)
+        if modules.get("act") is not None:
+            out = modules["act"](out)
+        return out
 
 
 class SyncBatchNormAct(_DropAct, SyncBatchNorm):
@@ -54,9 +64,9 @@ class SyncBatchNormAct(_DropAct, SyncBatchNorm):
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group: as
             :class:`~syncbn.SyncBatchNorm`.
-        act: applied last; None for identity. Default: None.
+        act: applied last; None for identity (no child module). Default: None.
         drop: applied between normalization and activation (e.g. ``nn.Dropout``); None for
-            identity. Default: None.
+            identity (no child module). Default: None.
         **kwargs: the keyword options of :class:`~syncbn.SyncBatchNorm` (``min_count``,
             ``fallback``, ``debias``, ``device``, ``dtype``).
 
