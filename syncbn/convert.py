@@ -14,7 +14,8 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from dataclasses import replace as _with
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -96,7 +97,7 @@ class ConversionContext:
                 f"syncbn.ConversionContext.default: expected a batch norm derived from a torch "
                 f"batch-norm class (or like=nn.BatchNorm2d, ...), got {type(module).__qualname__}"
             )
-        return rule.build(module, replace(self, like=base))
+        return rule.build(module, _with(self, like=base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +608,8 @@ def revert_sync_bn(module: nn.Module, *, skip_unknown: bool = False) -> nn.Modul
     or the very layer object of a subclass); one built directly as :class:`SyncBatchNorm` becomes
     a :class:`BatchNormNd`, which accepts any ``(N, C, *)`` input (a :class:`SyncBatchNormAct`, a
     :class:`BatchNormAct`). Same Parameter and buffer objects, same ``state_dict`` keys.
+    A subclass of :class:`SyncBatchNorm` that overrides ``forward`` is refused (``ValueError``,
+    nothing changed) unless ``skip_unknown=True`` leaves it as it is with one warning.
 
     Example::
 
@@ -648,7 +651,8 @@ def unfreeze_bn(module: nn.Module, *, skip_unknown: bool = False) -> nn.Module:
     ``requires_grad``), holding the frozen layer's current values and training flag. A
     :class:`FrozenBatchNorm` built directly becomes a :class:`BatchNormNd` with the same ``affine``
     (a :class:`FrozenBatchNormAct`, a :class:`BatchNormAct`); timm's ``FrozenBatchNormAct2d``
-    becomes timm's ``BatchNormAct2d``.
+    becomes timm's ``BatchNormAct2d``. Subclasses of :class:`FrozenBatchNorm` that override
+    ``forward`` are refused unless ``skip_unknown=True``, as in :func:`revert_sync_bn`.
 
     Example::
 
@@ -730,8 +734,9 @@ def register_conversion(
         >>> class ScaledBN(torch.nn.BatchNorm2d):  # computes 2 * BN(x)
         ...     def forward(self, x):
         ...         return 2 * super().forward(x)
+        >>> # Scale: a module of yours computing 2 * x; freeze_bn and convert_bn_to_gn still refuse it
         >>> syncbn.register_conversion(
-        ...     ScaledBN, sync=lambda m, ctx: torch.nn.Sequential(ctx.default(m), Scale(2.0)), ...
+        ...     ScaledBN, sync=lambda m, ctx: torch.nn.Sequential(ctx.default(m), Scale(2.0))
         ... )
     """
     name = "syncbn.register_conversion"

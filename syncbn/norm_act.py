@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import comm
 from .batchnorm import SyncBatchNorm, _check_input
 from .micro_batch import FrozenBatchNorm
 from .renorm import SyncBatchRenorm
@@ -86,7 +87,7 @@ class SyncBatchNormAct(_DropAct, SyncBatchNorm):
         momentum: Optional[float] = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        process_group: Any = None,
+        process_group: Optional[comm.ProcessGroup] = None,
         *,
         act: Optional[nn.Module] = None,
         drop: Optional[nn.Module] = None,
@@ -120,7 +121,7 @@ class SyncBatchRenormAct(_DropAct, SyncBatchRenorm):
         eps: float = 1e-5,
         momentum: Optional[float] = 0.01,
         affine: bool = True,
-        process_group: Any = None,
+        process_group: Optional[comm.ProcessGroup] = None,
         *,
         act: Optional[nn.Module] = None,
         drop: Optional[nn.Module] = None,
