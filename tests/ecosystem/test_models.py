@@ -71,12 +71,21 @@ def test_renorm_freeze_and_group_norm_keep_activations(name):
     assert not _bn_classes(gn)
     gn(x)
 
+    if name in TIMM_MODELS:  # timm's own frozen layers unfreeze to timm's BatchNormAct2d
+        timm_frozen = timm.layers.freeze_batch_norm_2d(copy.deepcopy(original))
+        assert any(type(m).__name__ == "FrozenBatchNormAct2d" for m in timm_frozen.modules())
+        unfrozen = syncbn.unfreeze_bn(timm_frozen)
+        assert sum(type(m) is BatchNormAct2d for m in unfrozen.modules()) == sum(
+            type(m) is BatchNormAct2d for m in original.modules()
+        )
+        assert (unfrozen.eval()(x) - expected).abs().max().item() <= 1e-9
+
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_ddp_two_ranks_equal_one_process_on_the_concatenated_batch(name):
     results = run_on_ranks(2, ddp_two_steps, name)
     for rank, result in enumerate(results):
-        assert result["diff"] <= 1e-9 and result["moved"] > 0.1, f"rank {rank}: {result['diff']}, {result['moved']}"
+        assert result["diff"] <= 1e-9 and result["moved"] > 0.01, f"rank {rank}: {result['diff']}, {result['moved']}"
     for key, value in results[0]["state"].items():
         assert torch.equal(value, results[1]["state"][key]), key  # identical on both ranks
 
