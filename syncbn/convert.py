@@ -428,6 +428,10 @@ def _convert(
     plan: dict[int, tuple[_Rule, ConversionContext]] = {}
     unknown: list[tuple[str, type]] = []
     for path, m in module.named_modules():
+        if isinstance(m, _DOMAIN[converter]) and isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            # After its first forward a lazy layer becomes its torch class (LazyBatchNorm2d -> BatchNorm2d).
+            problem = "got an uninitialized lazy layer; run one forward pass first"
+            raise ValueError(f"{caller}: {type(m).__name__} at {_where(path)}: {problem}")
         rule = _rule_for(converter, m)
         if rule is None or rule == _LEAVE:
             continue
@@ -436,10 +440,7 @@ def _convert(
             continue
         assert isinstance(rule, _Rule)
         ctx = ConversionContext(converter, path, process_group, options, rule.like)
-        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
-            problem: Optional[str] = "got an uninitialized lazy layer; run one forward pass first"
-        else:
-            problem = rule.check(m, ctx) if rule.check is not None else None
+        problem = rule.check(m, ctx) if rule.check is not None else None
         if problem:
             raise ValueError(f"{caller}: {type(m).__name__} at {_where(path)}: {problem}")
         plan[id(m)] = (rule, ctx)
@@ -560,8 +561,9 @@ def convert_sync_bn(
             are (one ``UserWarning`` lists them) instead of raising. Default: False.
 
     Raises:
-        ValueError: bad ``renorm`` keys, ``renorm`` with a layer without running statistics, or
-            batch-norm subclasses this function does not know; raised before the model is changed.
+        ValueError: bad ``renorm`` keys, ``renorm`` with a layer without running statistics, an
+            uninitialized lazy batch norm, or batch-norm subclasses this function does not know;
+            raised before the model is changed.
 
     Example::
 

@@ -601,3 +601,12 @@ def test_lightning_plugin_converts_and_reverts(monkeypatch):
     assert type(plugin.revert(out).bn1) is BatchNormAct2d
     with pytest.raises(ValueError, match="fallback"):
         module.SyncBatchNormPlugin(fallback="skip")
+
+
+@pytest.mark.parametrize("convert", ["convert_sync_bn", "freeze_bn", "convert_bn_to_gn"])
+def test_uninitialized_lazy_batch_norm_is_refused(convert):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"LazyBatchNorm2d at '1': got an uninitialized lazy layer"):
+        getattr(syncbn, convert)(model)
+    model(torch.randn(2, 3, 4, 4))  # now a BatchNorm2d
+    assert type(syncbn.convert_sync_bn(model)[1]) is syncbn.SyncBatchNorm
