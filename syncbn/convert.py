@@ -26,7 +26,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import comm
 from .batchnorm import SyncBatchNorm, _check_options
 from .micro_batch import FrozenBatchNorm
-from .norm_act import BatchNormAct, FrozenBatchNormAct, GroupNormAct, SyncBatchNormAct, SyncBatchRenormAct, _DropAct
+from .norm_act import BatchNormAct, FrozenBatchNormAct, GroupNormAct, SyncBatchNormAct, SyncBatchRenormAct
+from .norm_act import _DropAct
 from .renorm import SyncBatchRenorm
 
 __all__ = [
@@ -112,14 +113,30 @@ def _factory_kwargs(module: nn.Module) -> dict:
     return {"device": None, "dtype": None} if ref is None else {"device": ref.device, "dtype": ref.dtype}
 
 
-def _bias_kwargs(cls: type, src: nn.Module) -> dict:
-    """``bias=False`` for a source whose affine layer has no bias, where ``cls`` accepts it (torch >= 2.13)."""
-    if getattr(src, "affine", False) and getattr(src, "bias", 0) is None:
+def _accepts_bias(cls: type) -> bool:
+    """Whether ``cls(...)`` takes torch's ``bias=`` keyword (torch >= 2.13), following ``**kwargs`` to the base."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
         try:
-            if "bias" in inspect.signature(cls).parameters:
-                return {"bias": False}
-        except (TypeError, ValueError):  # no introspectable signature: the attribute is set after
-            pass
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return False
+        if "bias" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def _bias_kwargs(cls: type, src: nn.Module) -> dict:
+    """``bias=False`` for a source whose affine layer has no bias, where ``cls`` accepts it.
+
+    Where it does not, :func:`_carry` sets ``bias = None`` on the built layer instead.
+    """
+    if getattr(src, "affine", False) and getattr(src, "bias", 0) is None and _accepts_bias(cls):
+        return {"bias": False}
     return {}
 
 
@@ -230,17 +247,20 @@ def _is_norm_act(cls: type) -> bool:
 def _sync_build(m: nn.Module, ctx: ConversionContext) -> nn.Module:
     opts = ctx.options
     norm_act = _is_norm_act(ctx.like or type(m))
-    common = dict(min_count=opts["min_count"], fallback=opts["fallback"], debias=opts["debias"], **_factory_kwargs(m))
+    common = dict(min_count=opts["min_count"], fallback=opts["fallback"], debias=opts["debias"])
+    common.update(_factory_kwargs(m))
     new: SyncBatchNorm
     renorm = opts.get("renorm")
     if renorm is not None:
         extra = dict(renorm)
         momentum = extra.pop("momentum", m.momentum)
         cls = SyncBatchRenormAct if norm_act else SyncBatchRenorm
-        new = cls(m.num_features, m.eps, momentum, m.affine, ctx.process_group, **extra, **common)
+        args: tuple = (m.num_features, m.eps, momentum, m.affine, ctx.process_group)
+        new = cls(*args, **extra, **common, **_bias_kwargs(cls, m))
     else:
         cls = SyncBatchNormAct if norm_act else SyncBatchNorm
-        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, ctx.process_group, **common)
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, ctx.process_group)
+        new = cls(*args, **common, **_bias_kwargs(cls, m))
     new._syncbn_original_class = type(m)
     new._syncbn_original_group = comm.GroupRef(getattr(m, "process_group", None))
     return _carry(m, new)
@@ -253,7 +273,7 @@ def _sync_check(m: nn.Module, ctx: ConversionContext) -> Optional[str]:
 
 
 def _timm_class(src: nn.Module, name: str) -> type:
-    """timm's class ``name`` from the module that defined ``src``'s class (timm is loaded: ``src`` came from it)."""
+    """timm's class ``name``, from the module that defined ``src``'s class (loaded, since ``src`` exists)."""
     return getattr(sys.modules[type(src).__module__], name)
 
 
@@ -275,7 +295,7 @@ def _tracking_check(m: nn.Module, ctx: ConversionContext) -> Optional[str]:
 
 def _freeze_build(m: nn.Module, ctx: ConversionContext) -> nn.Module:
     cls = FrozenBatchNormAct if _is_norm_act(ctx.like or type(m)) else FrozenBatchNorm
-    frozen = cls(m.num_features, m.eps, m.affine, **_factory_kwargs(m))
+    frozen = cls(m.num_features, m.eps, m.affine, **_bias_kwargs(cls, m), **_factory_kwargs(m))
     return _carry(m, frozen, affine="detach")
 
 
@@ -307,9 +327,10 @@ def _gn_check(m: nn.Module, ctx: ConversionContext) -> Optional[str]:
 def _gn_build(m: nn.Module, ctx: ConversionContext) -> nn.Module:
     g = ctx.options["num_groups"]
     if _is_norm_act(ctx.like or type(m)):
-        gn: nn.Module = GroupNormAct(g, m.num_features, m.eps, m.affine, **_factory_kwargs(m))
+        cls: type = GroupNormAct
     else:
-        gn = nn.GroupNorm(g, m.num_features, m.eps, m.affine, **_factory_kwargs(m))
+        cls = nn.GroupNorm
+    gn = cls(g, m.num_features, m.eps, m.affine, **_bias_kwargs(cls, m), **_factory_kwargs(m))
     return _carry(m, gn)
 
 

@@ -202,7 +202,7 @@ class BatchNormAct(_DropAct, _BatchNorm):
 
 
 class GroupNormAct(_DropAct, nn.GroupNorm):
-    """``nn.GroupNorm`` followed by ``drop`` and ``act``: what :func:`syncbn.convert_bn_to_gn` builds from a norm-act layer.
+    """``nn.GroupNorm``, then ``drop`` and ``act``: what :func:`syncbn.convert_bn_to_gn` makes of a norm-act layer.
 
     Args:
         num_groups, num_channels, eps, affine, device, dtype: as ``nn.GroupNorm``.
