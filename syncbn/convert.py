@@ -91,7 +91,7 @@ class ConversionContext:
         :class:`FrozenBatchNorm` or ``nn.GroupNorm`` with ``module``'s Parameter and buffer
         objects, options, training flag and child modules. For rules that wrap the standard layer.
         """
-        base = like if like is not None else _torch_base(type(module))
+        base = like if like is not None else _rule_base(type(module))
         rule = _BUILTIN[self.converter].get(base) if base is not None else None
         if not isinstance(rule, _Rule):
             raise ValueError(
@@ -382,7 +382,7 @@ def _builtin(converter: str, cls: type) -> Optional[RuleEntry]:
     return table.get(cls, table.get(_qualname(cls)))
 
 
-def _torch_base(cls: type) -> Optional[type]:
+def _rule_base(cls: type) -> Optional[type]:
     """The nearest class in ``cls``'s MRO that has built-in rules (torch's, timm's or syncbn's)."""
     for base in cls.__mro__:
         if any(_builtin(c, base) is not None for c in (_SYNC, _FREEZE)):
