@@ -4,6 +4,8 @@ from .batchnorm import SyncBatchNorm, sync_batch_norm
 from .comm import new_sync_groups, set_debug, set_shared_memory
 from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
 from .convert import convert_bn_to_gn, freeze_bn, unfreeze_bn
+from .convert import ConversionContext, register_conversion
+from .norm_act import BatchNormAct, FrozenBatchNormAct, GroupNormAct, SyncBatchNormAct, SyncBatchRenormAct
 from .micro_batch import FrozenBatchNorm, accumulate_bn_stats, recompute_bn_stats
 from .renorm import RenormSchedule, SyncBatchRenorm
 from .distributed import DistInfo, cleanup, init_distributed
@@ -27,6 +29,13 @@ __all__ = [
     "freeze_bn",
     "unfreeze_bn",
     "convert_bn_to_gn",
+    "register_conversion",
+    "ConversionContext",
+    "SyncBatchNormAct",
+    "SyncBatchRenormAct",
+    "FrozenBatchNormAct",
+    "BatchNormAct",
+    "GroupNormAct",
     "init_distributed",
     "cleanup",
     "DistInfo",

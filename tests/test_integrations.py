@@ -320,7 +320,7 @@ def _torch_load_calls(tree: ast.AST):
 
 def test_every_torch_load_uses_weights_only():
     root = pathlib.Path(__file__).resolve().parents[1]
-    skip = {".venv", ".git", "build", "dist", "node_modules", "shared"}
+    skip = {".venv", ".venv-eco", ".git", "build", "dist", "node_modules", "shared"}
     found, bad = 0, []
     for path in root.rglob("*.py"):
         if skip.intersection(path.relative_to(root).parts):
