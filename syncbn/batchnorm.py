@@ -192,13 +192,15 @@ def _check_count(name: str, count: int, min_count: int, fallback: str, tracks_ru
 def _check_group_count(name: str, count: Tensor, usable: Tensor, min_count: int, tracks_running: bool) -> None:
     """Fail loudly on every rank when the group has 1 to ``min_count - 1`` values per channel.
 
-    Eagerly the count is read on the host (the one host read of a synchronized forward) and the
-    ``ValueError`` names it. Under ``torch.compile`` nothing is read: ``torch._assert_async`` stops
-    the step instead (a RuntimeError on CPU, a device-side assert on CUDA), with the same advice.
+    Eagerly the count is read on the host (the one host read of a synchronized forward, as torch's
+    own layer has one) and the ``ValueError`` names it. Where the host cannot look (under
+    ``torch.compile``, or while a CUDA graph is captured) ``torch._assert_async`` stops the step
+    instead, with the same advice: a RuntimeError at this layer on CPU, a device-side assert on CUDA.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (count.is_cuda and torch.cuda.is_current_stream_capturing()):
         ok = usable | (count == 0)
-        torch._assert_async(ok, _too_few(name, f"fewer (compiled: count not read)", min_count, "across the process group", tracks_running))
+        where = "across the process group (count not read on the host: compiled or captured)"
+        torch._assert_async(ok, _too_few(name, f"1 to {min_count - 1}", min_count, where, tracks_running))
         return
     n = int(count.item())
     if 0 < n < min_count:

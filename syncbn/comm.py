@@ -74,6 +74,8 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
     backend without it, or a CUDA tensor on a CPU-only Gloo), or when a peer never joins (it
     crashed, exited, or took another path) and the group's timeout expires.
     """
+    if torch.compiler.is_compiling():
+        return _traced_all_reduce_sum(tensor, group)
     what = f"syncbn: all_reduce of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}"
     channel = None
     try:
@@ -97,6 +99,53 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from err
     return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside torch.compile: the same all_reduce as one opaque operator.
+#
+# Dynamo can trace neither a ProcessGroup call nor the shared-memory channel. Under compilation
+# all_reduce_sum therefore calls a custom operator that names the group by its ``group_name``
+# string (as torch's functional collectives do) and, when the graph runs, performs the eager
+# all_reduce above (shared memory or torch.distributed). It returns a new tensor, so the graph sees
+# no mutation; every rank's graph calls it in the same order, as eager code does.
+
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
+
+
+def _group_from_name(name: str) -> ProcessGroup:
+    try:  # torch's own lookup from a group name (what functional collectives use)
+        return dist.distributed_c10d._resolve_process_group(name)
+    except AttributeError:  # pragma: no cover - torch without it: search the registry
+        for pg, pg_name in dist.distributed_c10d._world.pg_names.items():
+            if pg_name == name:
+                return pg
+        raise ValueError(f"syncbn: no process group named {name!r}") from None
+
+
+if _HAS_CUSTOM_OP:
+
+    @torch.library.custom_op("syncbn::all_reduce_sum", mutates_args=())
+    def _all_reduce_sum_op(tensor: Tensor, group_name: str) -> Tensor:
+        return all_reduce_sum(tensor.clone(), _group_from_name(group_name))
+
+    @_all_reduce_sum_op.register_fake
+    def _(tensor: Tensor, group_name: str) -> Tensor:
+        return torch.empty_like(tensor)
+
+    # A collective whose result goes unused (a backward where no input needs a gradient) must
+    # still run on this rank, or its peers wait: keep graph passes from eliminating it.
+    torch.fx.node.has_side_effect(torch.ops.syncbn.all_reduce_sum.default)
+
+    def _traced_all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        pg = group if group is not None else dist.group.WORLD
+        return _all_reduce_sum_op(tensor, pg.group_name)
+
+else:  # pragma: no cover - older torch: the collective breaks the graph, as it always did
+
+    @torch.compiler.disable
+    def _traced_all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        return all_reduce_sum(tensor, group)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -258,6 +258,17 @@ def fold_affine(
     return scale, shift
 
 
+def _empty_sums(grad_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Zero gradient sums for an empty batch, computed *from* ``grad_out``.
+
+    Under torch.compile the backward's all_reduce must stay in the backward graph: sums that did not
+    depend on the incoming gradient would let the graph partitioner run that collective during
+    the forward on this rank alone, while its peers wait in their backward.
+    """
+    zeros = grad_out.sum([0] + list(range(2, grad_out.dim()))).to(dtype)
+    return zeros, zeros.clone()
+
+
 def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` over the local batch.
 
@@ -266,8 +277,7 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tupl
     grad_weight are exactly these sums. An empty batch gives zeros.
     """
     if x.numel() == 0:
-        zeros = torch.zeros(2, x.shape[1], dtype=mean.dtype, device=x.device)
-        return zeros[0], zeros[1]
+        return _empty_sums(grad_out, mean.dtype)
     _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
         grad_out, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
     )
@@ -320,8 +330,7 @@ def fused_grad_sums(
     tells it the parameter dtype. An empty batch gives zeros.
     """
     if x.numel() == 0:
-        zeros = torch.zeros(2, x.shape[1], dtype=mean.dtype, device=x.device)
-        return zeros[0], zeros[1]
+        return _empty_sums(grad_out, mean.dtype)
     sum_dy, sum_dy_xmu, _, _ = _kernels.batch_norm_backward_reduce(
         grad_out, x, mean, invstd, scale, True, False, False
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from torch import Tensor
 from torch import nn
 
 from . import comm
@@ -58,13 +59,35 @@ class RenormSchedule:
             return 1.0
         return (step - self.warmup) / (at - self.warmup)
 
-    def limits(self, step: int, r_max: float, d_max: float) -> tuple[float, float]:
-        """The ``(r_max, d_max)`` clip limits in force at training step ``step``."""
+    def limits(
+        self, step: Union[int, Tensor], r_max: float, d_max: float
+    ) -> tuple[Union[float, Tensor], Union[float, Tensor]]:
+        """The ``(r_max, d_max)`` clip limits in force at training step ``step``.
+
+        ``step`` may be a tensor (a layer's ``num_batches_tracked``): then the limits come back as
+        0-dim float64 tensors on its device, the same values computed without reading it on the
+        host (as a compiled or captured training step needs).
+        """
+        if isinstance(step, Tensor):
+            return self._tensor_limits(step, r_max, d_max)
         pr = self._progress(step, self.r_max_at)
         pd = self._progress(step, self.d_max_at)
         # The final values exactly once reached (no 1-ulp overshoot from 1 + (r_max - 1) * 1.0).
         r = r_max if pr >= 1.0 else min(1.0 + (r_max - 1.0) * pr, r_max)
         d = d_max if pd >= 1.0 else min(d_max * pd, d_max)
+        return r, d
+
+    def _tensor_limits(self, step: Tensor, r_max: float, d_max: float) -> tuple[Tensor, Tensor]:
+        t = step.to(torch.float64)
+
+        def progress(at: int) -> Tensor:
+            if at == self.warmup:
+                return (t >= at).to(torch.float64)
+            return ((t - self.warmup) / (at - self.warmup)).clamp(0.0, 1.0)
+
+        pr, pd = progress(self.r_max_at), progress(self.d_max_at)
+        r = torch.where(pr >= 1.0, r_max, torch.clamp(1.0 + (r_max - 1.0) * pr, max=r_max))
+        d = torch.where(pd >= 1.0, d_max, torch.clamp(d_max * pd, max=d_max))
         return r, d
 
     def __repr__(self) -> str:
@@ -213,5 +236,10 @@ class SyncBatchRenorm(SyncBatchNorm):
             extra += f", schedule={self.schedule!r}"
         return extra
 
-    def _renorm_limits(self) -> Optional[tuple[float, float]]:
-        return self.current_limits() if self.training else None
+    def _renorm_limits(self) -> Optional[tuple[Union[float, Tensor], Union[float, Tensor]]]:
+        if not self.training:
+            return None
+        if isinstance(self.schedule, RenormSchedule):
+            # Stepped on the device: no host read of the step counter in a training forward.
+            return self.schedule.limits(self.num_batches_tracked, self.r_max, self.d_max)
+        return self.current_limits()
