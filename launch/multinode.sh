@@ -4,6 +4,8 @@
 # Usage (node 0 is the one at MASTER_ADDR; run the same line on each node with its NODE_RANK):
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/multinode.sh examples/train_resnet.py
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launch/multinode.sh examples/train_resnet.py
+#   (add LOCAL_ADDR=<this node's address> when the nodes cannot resolve each other's host names,
+#   and SYNCBN_TIMEOUT=60 to fail within a minute instead of 30 when a node or link is lost)
 # Environment:
 #   NNODES       number of machines (required)
 #   NODE_RANK    this machine's index, 0..NNODES-1 (required); node 0 hosts the rendezvous store
@@ -11,6 +13,14 @@
 #   MASTER_ADDR  address of node 0 that the other nodes can reach (required; no default, so
 #                nothing guesses an interface for you)
 #   MASTER_PORT  rendezvous port on node 0 (default 29500)
+#   LOCAL_ADDR   this node's own address, as the other nodes reach it (torchrun --local-addr;
+#                default: torchrun uses this node's host name, so every node must resolve every
+#                other node's host name, or workers loop on "gai error: -3"). On node 0 it is
+#                usually MASTER_ADDR.
+#   SYNCBN_TIMEOUT  seconds a collective (and syncbn's shared-memory exchange) waits for the other
+#                ranks before every rank raises (default: torch's 30 minutes); read by
+#                syncbn.init_distributed in every worker. With a link down or a node frozen,
+#                this is how long the surviving ranks wait.
 #   NPROC        processes per node (default: number of visible GPUs, or 2 without a GPU)
 #   RDZV_ID      job id shared by all nodes (default syncbn-$MASTER_PORT)
 #   PYTHON       interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
@@ -39,7 +49,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # ("Gloo connectFullMesh failed", pytorch/pytorch#135712): give each round its own store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
-exec "$PYTHON" -m torch.distributed.run \
+LOCAL_ADDR_ARGS=()
+if [ -n "${LOCAL_ADDR:-}" ]; then LOCAL_ADDR_ARGS=(--local-addr="$LOCAL_ADDR"); fi
+if [ -n "${SYNCBN_TIMEOUT:-}" ]; then export SYNCBN_TIMEOUT; fi
+exec "$PYTHON" -m torch.distributed.run "${LOCAL_ADDR_ARGS[@]}" \
   --nnodes="$NNODES" --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
   --rdzv-conf="is_host=$IS_HOST" \
