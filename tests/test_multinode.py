@@ -89,7 +89,8 @@ def hosts() -> Iterator[list[Host]]:
             name = f"syncbn-host-{'ab'[i]}"
             holder = subprocess.Popen(
                 ["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "--propagation", "private",
-                 "sh", "-c", f"hostname {name} && mount -t tmpfs -o size=256m tmpfs /dev/shm && echo $$ && exec sleep 3600"],
+                 "sh", "-c",
+                 f"hostname {name} && mount -t tmpfs -o size=256m tmpfs /dev/shm && echo $$ && exec sleep 3600"],
                 stdout=subprocess.PIPE, text=True, start_new_session=True,
             )
             holders.append(holder)

@@ -95,7 +95,8 @@ def _sizes_across_capacity(rank, world_size):
     for big_rank in (0, 1):
         n = cap + 1 if rank == big_rank else 5
         start = time.monotonic()
-        with pytest.raises(ValueError, match=r"different sizes \[" + (f"{cap + 1}, 5" if big_rank == 0 else f"5, {cap + 1}")):
+        sizes = f"{cap + 1}, 5" if big_rank == 0 else f"5, {cap + 1}"
+        with pytest.raises(ValueError, match=r"different sizes \[" + sizes):
             comm.all_reduce_sum(torch.ones(n, dtype=_F64), group)
         assert time.monotonic() - start < 4, "expected the mismatch at once, not after the group's timeout"
     # Every rank saw the same sizes: the channel is still usable, and grows when all outgrow it.
@@ -233,9 +234,12 @@ def test_ranks_in_different_pid_namespaces_fall_back(tmp_path):
     """Rank 1 in its own PID namespace (and /proc), like a container sharing the host's IPC."""
     store = tmp_path / "store"
     procs = [
-        subprocess.Popen(_command("late", 0, 2, store, tmp_path / "out0"), cwd=ROOT, env=_env(), start_new_session=True),
         subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *_command("late", 1, 2, store, tmp_path / "out1")],
+            _command("late", 0, 2, store, tmp_path / "out0"), cwd=ROOT, env=_env(), start_new_session=True
+        ),
+        subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+             *_command("late", 1, 2, store, tmp_path / "out1")],
             cwd=ROOT,
             env=_env(),
             start_new_session=True,
@@ -283,7 +287,9 @@ def test_rank_killed_during_setup_leaves_no_file(tmp_path):
     """SIGTERM (what torchrun sends the other workers when one fails) while the channel is set up."""
     store = tmp_path / "store"
     procs = [
-        subprocess.Popen(_command("setup_kill", r, 2, store, tmp_path / f"out{r}"), cwd=ROOT, env=_env(), start_new_session=True)
+        subprocess.Popen(
+            _command("setup_kill", r, 2, store, tmp_path / f"out{r}"), cwd=ROOT, env=_env(), start_new_session=True
+        )
         for r in range(2)
     ]
     pid0 = procs[0].pid
@@ -308,6 +314,20 @@ def test_rank_killed_during_setup_leaves_no_file(tmp_path):
         _finish(procs, 0)
         for f in files():
             os.unlink(os.path.join(folder, f))
+
+
+def test_bench_transport_smoke(tmp_path):
+    from benchmarks import bench_transport
+
+    out = tmp_path / "transport.json"
+    result = bench_transport.main(
+        ["--calls", "5", "--straggler-reps", "2", "--delays-ms", "2", "--json", str(out), "--timeout", "120"]
+    )
+    assert json.loads(out.read_text())["tight_us"] == result["tight_us"]
+    for policy in bench_transport.POLICIES:
+        assert result["tight_us"][policy] > 0
+        # Rank 0 returns after the straggler called (same machine, same clock).
+        assert result["straggler"][f"{policy}@2.0"]["extra_us"] > 0
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "worker":
