@@ -1,7 +1,7 @@
 """Latency of syncbn's all_reduce between ranks of one machine: shared memory (spin vs back-off) vs Gloo.
 
 Two measurements, each over W spawned CPU processes (one thread each), the three transports
-interleaved call by call (spin, back-off, Gloo, spin, ...) so machine drift hits all alike:
+interleaved call by call, in an order rotated every round, so machine drift hits all alike:
 
 - **tight loop**: every rank calls all_reduce_sum on a (2C+1) float64 vector back to back (a
   synchronized layer's forward statistics); median wall time per call on rank 0;
@@ -15,7 +15,7 @@ double from 50 us up to 0.5 ms.
 
 Usage::
 
-    python benchmarks/bench_transport.py                    # W=2, C=256, 400 calls, D = 1, 5, 20 ms
+    python benchmarks/bench_transport.py                    # W=2, C=256, 400 calls, D = 1, 5, 20, 200 ms
     python benchmarks/bench_transport.py --world 4 --json out.json
 """
 
@@ -62,8 +62,8 @@ def _worker(rank: int, world: int, store_path: str, args: dict, out_path: str) -
         for _ in range(20):
             comm.all_reduce_sum(x.clone())
     tight: dict[str, list[float]] = {p: [] for p in POLICIES}
-    for _ in range(args["calls"]):
-        for policy in POLICIES:
+    for i in range(args["calls"]):
+        for policy in POLICIES[i % 3 :] + POLICIES[: i % 3]:  # rotated: no transport always follows Gloo
             _use(policy)
             y = x.clone()
             t0 = time.perf_counter()
@@ -74,8 +74,8 @@ def _worker(rank: int, world: int, store_path: str, args: dict, out_path: str) -
     for delay in args["delays_ms"]:
         for policy in POLICIES:
             late[f"{policy}@{delay}"] = {"extra": [], "cpu": []}
-        for _ in range(args["straggler_reps"]):
-            for policy in POLICIES:
+        for i in range(args["straggler_reps"]):
+            for policy in POLICIES[i % 3 :] + POLICIES[: i % 3]:
                 _use(policy)
                 dist.barrier()
                 y = x.clone()
@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--world", type=int, default=2, help="processes (default 2)")
     p.add_argument("--channels", type=int, default=256, help="C: the vector has 2C+1 float64 values")
     p.add_argument("--calls", type=int, default=400, help="tight-loop calls per transport")
-    p.add_argument("--delays-ms", type=float, nargs="+", default=[1.0, 5.0, 20.0])
+    p.add_argument("--delays-ms", type=float, nargs="+", default=[1.0, 5.0, 20.0, 200.0])
     p.add_argument("--straggler-reps", type=int, default=15, help="straggler calls per transport and delay")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", default=None, help="also write the result here")
