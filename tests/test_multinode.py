@@ -338,8 +338,9 @@ def test_link_down_every_rank_raises_within_the_timeout(hosts, tmp_path):
     args = ["examples/train_resnet.py", "--epochs", "200", "--limit-train", "64", "--width", "4",
             "--batch-size", "8", "--timeout", str(timeout)]
     port = _next_port()
-    # The launcher cut off from node 0 waits this long on the rendezvous store before it exits.
-    env = {"RDZV_READ_TIMEOUT": "5"}
+    # The launcher cut off from node 0 waits on the rendezvous store at most this long per read, and
+    # is stopped this long after its workers have exited.
+    env = {"RDZV_READ_TIMEOUT": "5", "STUCK_AFTER": "3"}
     runs = [
         _launch(a, a, 2, 0, 2, args, tmp_path / "host_a.log", port, env),
         _launch(b, a, 2, 1, 2, args, tmp_path / "host_b.log", port, env),
