@@ -243,7 +243,8 @@ class ShmChannel:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        problem = problem or local_problem
+        # Said once, by the rank that met the problem (rank 0 reserves the memory).
+        problem = local_problem or (problem if index == 0 else "")
         if problem:
             _warn_once(
                 f"syncbn: the shared-memory transport is off for this process group ({problem}); "
