@@ -20,6 +20,7 @@ With --checkpoint-dir every epoch ends with an atomic checkpoint; --resume conti
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
 import math
 import os
@@ -81,7 +82,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         metavar="N",
         help="stop after N epochs of this run, as if interrupted (to try --resume)",
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a collective waits for the other ranks before every rank raises (a lost node "
+        "or link); default: $SYNCBN_TIMEOUT, else torch's 30 minutes",
+    )
     args = p.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        p.error(f"expected --timeout > 0 seconds, got {args.timeout}")
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
             p.error(f"expected --{name.replace('_', '-')} >= 1, got {getattr(args, name)}")
@@ -227,7 +238,8 @@ def no_buffer_sync_kwargs() -> dict[str, bool]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    info = syncbn.init_distributed()
+    timeout = None if args.timeout is None else datetime.timedelta(seconds=args.timeout)
+    info = syncbn.init_distributed(timeout=timeout)
     log = print if info.is_main else (lambda *a, **k: None)
     log(
         f"world_size={info.world_size} backend={info.backend} device={info.device} "

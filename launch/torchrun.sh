@@ -8,6 +8,8 @@
 #   NPROC   processes on this node (default: number of visible GPUs, or 2 without a GPU)
 #   PYTHON  interpreter (default: .venv/bin/python from scripts/setup_env.sh, else python3)
 #   OMP_NUM_THREADS  threads per process (default 1: N processes share the cores)
+#   SYNCBN_TIMEOUT   seconds a collective waits for the other ranks before every rank raises
+#                    (default: torch's 30 minutes); read by syncbn.init_distributed
 #   MAX_RESTARTS     restart all workers up to this many times after a failure (default 0);
 #                    pair it with --checkpoint-dir DIR --resume in examples/train_resnet.py
 # Rendezvous is --standalone: a store on a free port, so runs never collide; the workers reach it

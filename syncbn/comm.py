@@ -82,10 +82,18 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
         channel = _shm_channel(tensor, group)
         if channel is not None:
             try:
-                return channel.all_reduce_(tensor)
-            except Exception:
+                if not channel.all_reduce_(tensor):
+                    # Every rank published this same size, larger than the channel: grow it together.
+                    channel = _shm_channel(tensor, group, grow=channel)
+                    if channel is not None:
+                        channel.all_reduce_(tensor)
+                        return tensor
+                else:
+                    return tensor
+            except RuntimeError:
                 # A failed exchange leaves the ranks' round counters apart: never reuse this channel.
-                _channels.pop(_group_key(group), None)
+                # (A size mismatch, ValueError, is seen alike by every rank and leaves it usable.)
+                _drop_channel(group)
                 raise
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     except RuntimeError as err:
@@ -153,9 +161,12 @@ else:  # pragma: no cover - older torch: the collective breaks the graph, as it 
 
 _ENV_SHM = "SYNCBN_SHM"
 _shm = os.environ.get(_ENV_SHM, "1").strip().lower() not in ("0", "false", "no", "off")
-# Per group: (the group, its channel or None when its ranks cannot share memory). The group is
-# kept alive here so that its id is never reused by another group.
-_channels: dict[int, tuple[Optional[ProcessGroup], Optional[ShmChannel]]] = {}
+# Per process group, keyed by id(group): (weak reference to the group, its channel or None when its
+# ranks cannot share memory). A channel belongs to one group object: a lookup checks the reference
+# is that very object (an id can be reused after a group dies) and that the group is still
+# registered with torch.distributed (destroy_process_group unregisters it); the entry goes away
+# when the group object dies, in cleanup(), and when a group is found destroyed.
+_channels: dict[int, tuple["weakref.ref[ProcessGroup]", Optional[ShmChannel]]] = {}
 _MIN_CAPACITY = 16384
 
 
@@ -175,8 +186,35 @@ def shared_memory_enabled() -> bool:
     return _shm
 
 
+def _resolve(group: Optional[ProcessGroup]) -> Optional[ProcessGroup]:
+    """The group object itself: the current default group for None (None when there is none)."""
+    return group if group is not None else dist.GroupMember.WORLD
+
+
 def _group_key(group: Optional[ProcessGroup]) -> int:
-    return 0 if group is None else id(group)
+    return id(_resolve(group))
+
+
+def _is_live(pg: ProcessGroup) -> bool:
+    try:  # private registry; if it moves, trust the weak reference alone
+        return pg in dist.distributed_c10d._world.pg_map
+    except Exception:  # pragma: no cover - other torch versions
+        return True
+
+
+def _drop_channel(group: Optional[ProcessGroup]) -> None:
+    _channels.pop(_group_key(group), None)
+
+
+def _drop_channels() -> None:
+    """Forget every channel (syncbn.cleanup() calls this before destroying the process group)."""
+    _channels.clear()
+
+
+def _forget(key: int, ref: "weakref.ref[ProcessGroup]") -> None:
+    entry = _channels.get(key)
+    if entry is not None and entry[0] is ref:
+        del _channels[key]
 
 
 def _has_cpu_backend(group: Optional[ProcessGroup]) -> bool:
@@ -189,25 +227,40 @@ def _has_cpu_backend(group: Optional[ProcessGroup]) -> bool:
 
 
 @torch.compiler.disable
-def _shm_channel(tensor: Tensor, group: Optional[ProcessGroup]) -> Optional[ShmChannel]:
-    """This group's channel when ``tensor`` can use it, building (or growing) it collectively.
+def _shm_channel(
+    tensor: Tensor, group: Optional[ProcessGroup], grow: Optional[ShmChannel] = None
+) -> Optional[ShmChannel]:
+    """This group's channel when ``tensor`` can use it, building it collectively on first use.
 
-    Every input to the decision (the setting, the tensor's dtype, device and size, what earlier
-    calls built) is the same on every rank of the group, so all ranks build together.
+    Every input to the decision (the setting, the tensor's dtype and device, the group, what
+    earlier calls built) is the same on every rank of the group, so all ranks build together.
+    Sizes are not an input: the channel checks them from what every rank published, and
+    ``grow`` (the channel every rank found too small for this same size) asks for a larger one.
     """
     if not _shm or tensor.dtype != torch.float64 or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
-    key = _group_key(group)
-    entry = _channels.get(key)
-    if entry is not None and (entry[1] is None or entry[1].capacity >= tensor.numel()):
-        return entry[1]
-    if not _has_cpu_backend(group):
-        # NCCL-only (or CUDA-only Gloo) groups: their collectives cannot even set the channel up.
-        _channels[key] = (group, None)
+    pg = _resolve(group)
+    if pg is None:
         return None
-    capacity = max(_MIN_CAPACITY, tensor.numel(), 2 * entry[1].capacity if entry is not None else 0)
-    channel = ShmChannel.create(group, capacity)
-    _channels[key] = (group, channel)
+    key = id(pg)
+    entry = _channels.get(key)
+    if entry is not None and entry[0]() is pg and grow is None:
+        if entry[1] is None or _is_live(pg):
+            return entry[1]
+    # A new group (or a destroyed one: then torch.distributed raises below, as without syncbn).
+    for k, (ref, _) in list(_channels.items()):
+        if ref() is None or not _is_live(ref()):
+            del _channels[k]
+    if not _is_live(pg):
+        return None
+    ref = weakref.ref(pg, lambda r, key=key: _forget(key, r))
+    if not _has_cpu_backend(pg):
+        # NCCL-only (or CUDA-only Gloo) groups: their collectives cannot even set the channel up.
+        _channels[key] = (ref, None)
+        return None
+    capacity = _MIN_CAPACITY if grow is None else 2 * grow.capacity
+    channel = ShmChannel.create(pg, capacity, tensor.numel())
+    _channels[key] = (ref, channel)
     return channel
 
 

@@ -27,7 +27,9 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "launcher_env"]
+from .comm import _drop_channels
+
+__all__ = ["DistInfo", "init_distributed", "cleanup", "launcher_env", "env_timeout"]
 
 # A launcher is present when these are set; the rest have defaults or come from the launcher's store.
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE")
@@ -110,6 +112,30 @@ def launcher_env(env: Optional[Mapping[str, str]] = None) -> Optional[tuple[int,
     return rank, world_size, local_rank
 
 
+_ENV_TIMEOUT = "SYNCBN_TIMEOUT"
+
+
+def env_timeout(env: Optional[Mapping[str, str]] = None) -> Optional[datetime.timedelta]:
+    """The collective timeout from ``$SYNCBN_TIMEOUT`` (seconds, e.g. ``60`` or ``2.5``); None when unset.
+
+    Raises ``ValueError`` naming the variable when it is not a positive number.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(_ENV_TIMEOUT, "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(
+            f"init_distributed: expected {_ENV_TIMEOUT} to be a positive number of seconds (e.g. 60), "
+            f"got {raw!r}; fix or unset it"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
 def _pick_device(local_rank: int, device: Optional[torch.device | str]) -> torch.device:
     if device is not None:
         dev = torch.device(device)
@@ -152,7 +178,10 @@ def init_distributed(
             (NCCL on CUDA, Gloo on CPU).
         device: the device to train on. Default: None (``cuda:LOCAL_RANK`` when CUDA is available,
             else CPU). Pass ``"cpu"`` to stay on the CPU on a GPU machine.
-        timeout: how long a collective may wait for the other ranks. Default: None (torch's default).
+        timeout: how long a collective (and syncbn's shared-memory exchange) may wait for the other
+            ranks before raising. Default: None, which takes ``$SYNCBN_TIMEOUT`` (seconds) when set,
+            else torch's default of 30 minutes. A lost peer on another machine is only noticed
+            after this time, so set it well below the default for interactive runs.
 
     Returns:
         :class:`DistInfo`, which unpacks as ``rank, world_size, local_rank, device`` and has
@@ -160,7 +189,8 @@ def init_distributed(
 
     Raises:
         ValueError: a half-set or inconsistent launcher environment, ``MASTER_ADDR``/``MASTER_PORT``
-            missing, or more processes per node than visible GPUs; raised before any network call.
+            missing, a ``SYNCBN_TIMEOUT`` that is not a positive number, or more processes per node
+            than visible GPUs; raised before any network call.
     """
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -183,6 +213,8 @@ def init_distributed(
                 f"init_distributed: expected environment variable {name} next to RANK and WORLD_SIZE, "
                 f"but it is missing; use launch/torchrun.sh (which sets it) or export {name}"
             )
+    if timeout is None:
+        timeout = env_timeout()
     dev = _bind(_pick_device(local_rank, device))
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -201,12 +233,16 @@ def _bind(dev: torch.device) -> torch.device:
 def cleanup() -> None:
     """Destroy the default process group if one is initialized; a no-op otherwise (safe to call twice).
 
+    Also drops every shared-memory channel of syncbn's transport, so a group initialized later in
+    this process (a notebook, a sweep, a reused worker) builds its own.
+
     Waits 0.1 s first, with the GIL released: a Gloo worker thread that has just finished a
     collective still has to take the GIL to free that work's Python tensors, and if the group is
     destroyed before it has (say when a DistributedDataParallel model holding the group's last
     reference is freed), the destructor joins that thread while holding the GIL and the process
     hangs at exit (seen with torch 2.13).
     """
+    _drop_channels()
     if dist.is_available() and dist.is_initialized():
         time.sleep(0.1)
         dist.destroy_process_group()

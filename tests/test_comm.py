@@ -19,6 +19,11 @@ def _channel(group):
     return None if entry is None else entry[1]
 
 
+def _my_files():
+    """Mapping files this process created (their names hold the creator's pid)."""
+    return [f for f in os.listdir("/dev/shm") if f.startswith("syncbn-") and f"-{os.getpid()}-" in f]
+
+
 def _shm_matches_gloo(rank, world_size):
     group = dist.new_group(list(range(world_size)))
     gen = torch.Generator().manual_seed(rank)
@@ -35,8 +40,7 @@ def _shm_matches_gloo(rank, world_size):
         channel = _channel(group)
         assert channel is not None and channel.capacity >= n, "the shared-memory path was not used"
     # The mapping's file is unlinked as soon as every rank has mapped it: nothing left behind.
-    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"syncbn-{os.getpid()}-")]
-    assert not leftovers, leftovers
+    assert not _my_files(), _my_files()
     # Non-float64 or non-contiguous tensors go through Gloo, with the same result.
     y = torch.arange(6, dtype=torch.float32)
     assert torch.equal(comm.all_reduce_sum(y, group), torch.arange(6, dtype=torch.float32) * world_size)
@@ -52,7 +56,7 @@ def _size_mismatch(rank, world_size):
     comm.all_reduce_sum(torch.ones(5, dtype=torch.float64), group)  # build the channel
     with pytest.raises(ValueError, match=r"different sizes \[5, 6\]"):
         comm.all_reduce_sum(torch.ones(5 + rank, dtype=torch.float64), group)
-    # Every rank dropped the broken channel; the next call builds a new one and is correct.
+    # Every rank saw the same sizes, so the channel is still in step: the next call is correct.
     out = comm.all_reduce_sum(torch.full((3,), float(rank + 1), dtype=torch.float64), group)
     assert torch.equal(out, torch.full((3,), 3.0, dtype=torch.float64))
 
@@ -86,8 +90,7 @@ def _creation_without_peer(rank, world_size):
         with pytest.raises(RuntimeError, match="peer rank crashed, exited or skipped"):
             comm.all_reduce_sum(torch.ones(4, dtype=torch.float64), group)
         # ...and the file rank 0 had created for the mapping is gone all the same.
-        leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"syncbn-{os.getpid()}-")]
-        assert not leftovers, leftovers
+        assert not _my_files(), _my_files()
     dist.barrier()
 
 

@@ -1,0 +1,334 @@
+"""The shared-memory transport under adversity: each test is a way it used to fail.
+
+1. a process group destroyed and created again in the same processes (other members, timeout);
+2. ranks in different PID namespaces (containers sharing IPC and network);
+3. a full /dev/shm (SIGBUS at the first write);
+4. ranks passing different sizes on both sides of the channel's capacity;
+5. a rank waiting for a straggler burning a core;
+6. a rank killed during channel setup leaving its file in /dev/shm.
+
+Tests that need processes in other namespaces (or to kill a rank) start fresh processes running
+this file as a script (``python -m tests.test_shm worker MODE RANK WORLD STORE OUT``); the others
+use the shared worker pool of tests/harness.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import syncbn
+from syncbn import _shm, comm
+
+from .harness import COLLECTIVE_TIMEOUT_S, run_on_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+_F64 = torch.float64
+_is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+needs_root = pytest.mark.skipif(
+    not (_is_root and shutil.which("unshare")), reason="needs root and unshare(1) to make namespaces"
+)
+
+
+def _channel(group=None):
+    entry = comm._channels.get(comm._group_key(group))
+    return None if entry is None else entry[1]
+
+
+def _mine(rank: int) -> torch.Tensor:
+    return torch.full((4,), float(rank + 1), dtype=_F64)
+
+
+# ---------------------------------------------------------------- 1. destroy / init again
+
+
+def _reinit(rank, world_size, store_dir):
+    # The pool's default group of 3 builds its channel.
+    assert comm.all_reduce_sum(_mine(rank))[0].item() == 6.0
+    assert _channel() is not None
+    # 3 -> 2: torch's own destroy; ranks 0 and 1 form a new default group with a 5 s timeout.
+    dist.destroy_process_group()
+    if rank < 2:
+        store = dist.FileStore(os.path.join(store_dir, "two"), 2)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=5))
+        assert comm.all_reduce_sum(_mine(rank))[0].item() == 3.0
+        assert _channel() is not None and _channel().world == 2 and _channel().timeout == 5
+        syncbn.cleanup()  # syncbn's destroy also forgets the channels
+        assert comm._channels == {}
+    # 2 -> 3, with the pool's timeout again (the pool keeps using this group afterwards).
+    store = dist.FileStore(os.path.join(store_dir, "three"), 3)
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=3, timeout=timeout)
+    assert comm.all_reduce_sum(_mine(rank))[0].item() == 6.0
+    assert _channel().world == 3 and _channel().timeout == COLLECTIVE_TIMEOUT_S
+    # A sub-group of the new default group has its own channel, of its own members.
+    sub = dist.new_group([0, 1])
+    if rank < 2:
+        assert comm.all_reduce_sum(_mine(rank), sub)[0].item() == 3.0
+        assert _channel(sub).world == 2
+    dist.barrier()
+
+
+def test_new_default_group_gets_its_own_channel(tmp_path):
+    """Re-initializing in the same processes (notebooks, sweeps, reused workers) sums over the new group."""
+    run_on_ranks(3, _reinit, str(tmp_path), timeout=120)
+
+
+# ---------------------------------------------------------------- 4. sizes across the capacity
+
+
+def _sizes_across_capacity(rank, world_size):
+    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=5))
+    comm.all_reduce_sum(torch.ones(5, dtype=_F64), group)  # build the channel
+    cap = _channel(group).capacity
+    for big_rank in (0, 1):
+        n = cap + 1 if rank == big_rank else 5
+        start = time.monotonic()
+        sizes = f"{cap + 1}, 5" if big_rank == 0 else f"5, {cap + 1}"
+        with pytest.raises(ValueError, match=r"different sizes \[" + sizes):
+            comm.all_reduce_sum(torch.ones(n, dtype=_F64), group)
+        assert time.monotonic() - start < 4, "expected the mismatch at once, not after the group's timeout"
+    # Every rank saw the same sizes: the channel is still usable, and grows when all outgrow it.
+    out = comm.all_reduce_sum(torch.full((cap + 1,), float(rank + 1), dtype=_F64), group)
+    assert torch.equal(out, torch.full((cap + 1,), 3.0, dtype=_F64))
+    assert _channel(group).capacity > cap
+    # The very first call of a group, with different sizes (one beyond the default capacity).
+    fresh = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=5))
+    with pytest.raises(ValueError, match="different sizes"):
+        comm.all_reduce_sum(torch.ones(20000 if rank == 0 else 5, dtype=_F64), fresh)
+    assert comm.all_reduce_sum(_mine(rank), fresh)[0].item() == 3.0
+
+
+def test_size_mismatch_across_capacity_raises_at_once_on_every_rank():
+    run_on_ranks(2, _sizes_across_capacity, timeout=90)
+
+
+# ---------------------------------------------------------------- 5. waiting does not burn a core
+
+
+def _wait_for_straggler(rank, world_size, delay):
+    group = dist.new_group(list(range(world_size)))
+    comm.all_reduce_sum(_mine(rank), group)  # build the channel
+    assert _channel(group) is not None
+    dist.barrier(group)
+    if rank == 1:
+        time.sleep(delay)
+    cpu, wall = time.thread_time(), time.monotonic()
+    out = comm.all_reduce_sum(_mine(rank), group)
+    assert out[0].item() == 3.0
+    return time.thread_time() - cpu, time.monotonic() - wall
+
+
+def test_waiting_for_a_straggler_sleeps():
+    delay = 2.0
+    (cpu, wall), _ = run_on_ranks(2, _wait_for_straggler, delay)
+    assert wall > 0.8 * delay, (cpu, wall)
+    # Spinning took ~100% of a core for the whole wait (about 2 s here); sleeping takes a few %.
+    assert cpu < 0.15 * delay, f"rank 0 used {cpu:.2f} s of CPU waiting {wall:.2f} s for its peer"
+
+
+# ---------------------------------------------------------------- 6a. stale files are removed
+
+
+def _build_fresh_channel(rank, world_size):
+    group = dist.new_group(list(range(world_size)))
+    assert comm.all_reduce_sum(_mine(rank), group)[0].item() == 3.0
+    return _channel(group) is not None
+
+
+def test_files_of_dead_creators_are_removed():
+    """A file left by a creator killed between creating and deleting it goes at the next setup."""
+    folder = _shm.shm_dir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    namespace = _shm._pid_namespace()
+    stale = Path(folder) / f"syncbn-{namespace}-{dead.pid}-12345-{'0' * 32}"
+    alive = Path(folder) / f"syncbn-{namespace}-{os.getpid()}-{_shm._start_time(os.getpid())}-{'1' * 32}"
+    stale.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    try:
+        assert all(run_on_ranks(2, _build_fresh_channel))
+        assert not stale.exists(), "the file of a dead creator was left in place"
+        assert alive.exists(), "the file of a live creator was removed"
+    finally:
+        for p in (stale, alive):
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- fresh processes
+
+
+def _worker(mode: str, rank: int, world: int, store: str, out: str) -> None:
+    """One rank started as its own process (``python -m tests.test_shm worker ...``)."""
+    import warnings
+
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("SHM_TEST_TIMEOUT", "20")))
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world, timeout=timeout)
+    result: dict = {"rank": rank, "pid": os.getpid(), "sums": []}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "setup_kill":
+            Path(out + ".calling").write_text("")
+            if rank == 1:
+                time.sleep(60)  # never joins: rank 0 is killed inside the channel's setup
+            comm.all_reduce_sum(_mine(rank))
+        for step in range(3):
+            if mode == "late" and rank == 0 and step == 1:
+                time.sleep(1.5)  # a healthy peer, late
+            result["sums"].append(comm.all_reduce_sum(_mine(rank))[0].item())
+        big = torch.full((100000,), float(rank + 1), dtype=_F64)  # beyond the default capacity
+        result["sums"].append(comm.all_reduce_sum(big)[0].item())
+    result["channel"] = _channel() is not None
+    result["warnings"] = [str(w.message) for w in caught if "shared-memory" in str(w.message)]
+    Path(out).write_text(json.dumps(result))
+    dist.barrier()
+    os._exit(0)  # skip Gloo's teardown (see benchmarks/_spawn.py)
+
+
+def _command(mode: str, rank: int, world: int, store: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "tests.test_shm", "worker", mode, str(rank), str(world), str(store), str(out)]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    env.pop("SYNCBN_SHM", None)
+    return env
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # every process started with start_new_session
+                except ProcessLookupError:
+                    p.kill()
+                p.wait()
+    return [p.returncode for p in procs]
+
+
+def _results(tmp_path: Path, world: int) -> list[dict]:
+    return [json.loads((tmp_path / f"out{r}").read_text()) for r in range(world)]
+
+
+@needs_root
+def test_ranks_in_different_pid_namespaces_fall_back(tmp_path):
+    """Rank 1 in its own PID namespace (and /proc), like a container sharing the host's IPC."""
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            _command("late", 0, 2, store, tmp_path / "out0"), cwd=ROOT, env=_env(), start_new_session=True
+        ),
+        subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+             *_command("late", 1, 2, store, tmp_path / "out1")],
+            cwd=ROOT,
+            env=_env(),
+            start_new_session=True,
+        ),
+    ]
+    codes = _finish(procs, 90)
+    assert codes == [0, 0], f"exit codes {codes}: a rank raised (see its stderr above)"
+    for res in _results(tmp_path, 2):
+        assert res["sums"] == [3.0, 3.0, 3.0, 3.0], res
+        assert res["channel"] is False, "expected torch.distributed between PID namespaces"
+        assert res["warnings"] == [], res
+
+
+@needs_root
+def test_full_dev_shm_falls_back_with_one_warning(tmp_path):
+    """Both ranks see a /dev/shm of 64 KiB (a mount namespace); the channel needs ~0.5 MB."""
+    store = tmp_path / "store"
+    script = (
+        "mount -t tmpfs -o size=64k tmpfs /dev/shm || exit 99\n"
+        f"{' '.join(_command('plain', 0, 2, store, tmp_path / 'out0'))} & a=$!\n"
+        f"{' '.join(_command('plain', 1, 2, store, tmp_path / 'out1'))} & b=$!\n"
+        "wait $a; ra=$?; wait $b; rb=$?; echo codes $ra $rb; [ $ra -eq 0 ] && [ $rb -eq 0 ]\n"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    codes = _finish([proc], 90)
+    output = proc.stdout.read() if proc.stdout else ""
+    assert codes == [0], f"{output.strip()} (-7 or 135 is SIGBUS)"
+    results = _results(tmp_path, 2)
+    for res in results:
+        assert res["sums"] == [3.0, 3.0, 3.0, 3.0], res
+        assert res["channel"] is False
+    # One warning, on the rank that tried to reserve the memory, saying why.
+    assert [len(r["warnings"]) for r in results] == [1, 0], results
+    assert "could not reserve" in results[0]["warnings"][0] and "/dev/shm" in results[0]["warnings"][0]
+
+
+def test_rank_killed_during_setup_leaves_no_file(tmp_path):
+    """SIGTERM (what torchrun sends the other workers when one fails) while the channel is set up."""
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            _command("setup_kill", r, 2, store, tmp_path / f"out{r}"), cwd=ROOT, env=_env(), start_new_session=True
+        )
+        for r in range(2)
+    ]
+    pid0 = procs[0].pid
+    folder = _shm.shm_dir()
+
+    def files():
+        return [f for f in os.listdir(folder) if f.startswith("syncbn-") and f"-{pid0}-" in f]
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "out0.calling").exists() and time.monotonic() < deadline:
+            assert procs[0].poll() is None, "rank 0 exited before the setup"
+            time.sleep(0.05)
+        # Rank 0 is in the setup now (its peer never comes): give it time to make a file, then kill.
+        deadline = time.monotonic() + 1.5
+        while not files() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(timeout=10)
+        assert files() == [], f"left in {folder}: {files()}"
+    finally:
+        _finish(procs, 0)
+        for f in files():
+            os.unlink(os.path.join(folder, f))
+
+
+def test_bench_transport_smoke(tmp_path):
+    from benchmarks import bench_transport
+
+    out = tmp_path / "transport.json"
+    result = bench_transport.main(
+        ["--calls", "5", "--straggler-reps", "2", "--delays-ms", "2", "--json", str(out), "--timeout", "120"]
+    )
+    assert json.loads(out.read_text())["tight_us"] == result["tight_us"]
+    for policy in bench_transport.POLICIES:
+        assert result["tight_us"][policy] > 0
+        # Rank 0 returns after the straggler called (same machine, same clock).
+        assert result["straggler"][f"{policy}@2.0"]["extra_us"] > 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "worker":
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
