@@ -26,6 +26,7 @@ __all__ = [
     "update_running_stats",
     "normalize",
     "renorm_factors",
+    "snapshot",
     "fold_affine",
     "grad_sums",
     "grad_input",
@@ -219,18 +220,45 @@ def renorm_factors(
     with ``sigma_B = sqrt(var + eps)`` from the batch and ``sigma = sqrt(running_var + eps)``. The
     limits may be 0-dim tensors (a schedule stepped on the device).
     """
-    with torch.no_grad():
-        rm = running_mean.to(mean.dtype)
-        sigma = (running_var.to(var.dtype) + eps).sqrt()
-        r = (var + eps).sqrt() / sigma
-        d = (mean - rm) / sigma
-        if isinstance(r_max, Tensor):
-            # float64 limits, rounded to the statistics dtype only at the end, as Python floats are.
-            r_lo, r_hi = (1.0 / r_max).to(r.dtype), r_max.to(r.dtype)
-            d_hi = torch.as_tensor(d_max, dtype=torch.float64, device=d.device)
-            d_lo, d_hi = (-d_hi).to(d.dtype), d_hi.to(d.dtype)
-            return torch.minimum(torch.maximum(r, r_lo), r_hi), torch.minimum(torch.maximum(d, d_lo), d_hi)
-        return r.clamp_(1.0 / r_max, r_max), d.clamp_(-d_max, d_max)
+    # Every input is free of autograd history (batch statistics, buffers), so no no_grad region is
+    # needed (inside one, torch.compile recomputes r and d in the backward, see snapshot).
+    mean, var = mean.detach(), var.detach()
+    rm = snapshot(running_mean).to(mean.dtype)
+    sigma = (snapshot(running_var).to(var.dtype) + eps).sqrt()
+    r = (var + eps).sqrt() / sigma
+    d = (mean - rm) / sigma
+    if isinstance(r_max, Tensor):
+        # float64 limits, rounded to the statistics dtype only at the end, as Python floats are.
+        r_lo, r_hi = (1.0 / r_max).to(r.dtype), r_max.to(r.dtype)
+        d_hi = torch.as_tensor(d_max, dtype=torch.float64, device=d.device)
+        d_lo, d_hi = (-d_hi).to(d.dtype), d_hi.to(d.dtype)
+        return torch.minimum(torch.maximum(r, r_lo), r_hi), torch.minimum(torch.maximum(d, d_lo), d_hi)
+    return r.clamp_(1.0 / r_max, r_max), d.clamp_(-d_max, d_max)
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+
+    @torch.library.custom_op("syncbn::snapshot", mutates_args=())
+    def _snapshot_op(t: Tensor) -> Tensor:
+        return t.clone()
+
+    @_snapshot_op.register_fake
+    def _(t: Tensor) -> Tensor:
+        return torch.empty_like(t)
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """``t``'s values at this point of the forward, also for a compiled backward.
+
+    A compiled graph's partitioner may recompute cheap values in the backward from the graph's
+    inputs instead of saving them; for a buffer that the same forward then updates in place
+    (running statistics, the step counter), that reads the updated values: Batch Renorm's r and d,
+    and the schedule's limits, would be wrong in the gradient. A custom
+    operator is never recomputed, so its output is saved. Eagerly it is ``t`` itself.
+    """
+    if torch.compiler.is_compiling() and hasattr(torch.ops.syncbn, "snapshot"):
+        return torch.ops.syncbn.snapshot(t)
+    return t.detach()
 
 
 def fold_affine(

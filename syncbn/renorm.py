@@ -9,6 +9,7 @@ from torch import Tensor
 from torch import nn
 
 from . import comm
+from . import functional as BF
 from .batchnorm import SyncBatchNorm
 
 __all__ = ["SyncBatchRenorm", "RenormSchedule"]
@@ -241,5 +242,5 @@ class SyncBatchRenorm(SyncBatchNorm):
             return None
         if isinstance(self.schedule, RenormSchedule):
             # Stepped on the device: no host read of the step counter in a training forward.
-            return self.schedule.limits(self.num_batches_tracked, self.r_max, self.d_max)
+            return self.schedule.limits(BF.snapshot(self.num_batches_tracked), self.r_max, self.d_max)
         return self.current_limits()

@@ -15,6 +15,7 @@ import atexit
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
 import tempfile
@@ -122,6 +123,15 @@ class _Pool:
         return "\n".join(parts)
 
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float) -> list[Any]:
+        try:
+            # The queue pickles in a background thread, where a failure only prints: the ranks
+            # would then wait for a task that never comes. Fail here instead.
+            pickle.dumps((fn, args, kwargs))
+        except Exception as err:
+            raise TypeError(
+                f"run_on_ranks({fn.__qualname__}, ...): the function and its arguments must pickle "
+                f"(module-level functions, no lambdas): {err}"
+            ) from err
         for q in self.tasks:
             q.put((fn, args, kwargs))
         replies = self._collect(timeout, fn.__qualname__)
