@@ -11,11 +11,13 @@ Usage::
 
     python benchmarks/bench_resnet.py                       # 2 processes, width 32, batch 8 per rank
     python benchmarks/bench_resnet.py --nproc 2 --width 64 --batch 16 --steps 30 --json out.json
+    python benchmarks/bench_resnet.py --compile inductor     # adds torch.compile'd twins, graph counts
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -25,6 +27,7 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
@@ -78,12 +81,29 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
     n_bn = sum(isinstance(m, syncbn.SyncBatchNorm) for m in synced.modules())
     channels = [m.num_features for m in synced.modules() if isinstance(m, syncbn.SyncBatchNorm)]
 
+    variants = [("local BN", local), ("syncbn", synced)]
+    graphs = {}
+    if args.compile:
+        # Compiled twins with the same weights; dynamo's explain (on a spare copy: it runs a
+        # forward) counts the graphs and breaks of each model in training mode.
+        probe = torch.randn(args.batch, 3, args.image, args.image)
+        for name, model in list(variants):
+            spare = copy.deepcopy(model)
+            explained = torch._dynamo.explain(spare)(probe)
+            graphs[f"{name} compiled"] = {
+                "graphs": explained.graph_count,
+                "graph_breaks": explained.graph_break_count,
+                "break_reasons": sorted({str(r.reason).splitlines()[0][:120] for r in explained.break_reasons}),
+            }
+            torch._dynamo.reset()
+            variants.append((f"{name} compiled", copy.deepcopy(model)))
+
     models, opts, ddp_counters = {}, {}, {}
-    for name, model in (("local BN", local), ("syncbn", synced)):
+    for name, model in variants:
         ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         ddp_counters[name] = _Counter()
         ddp.register_comm_hook(None, _counting_ddp_hook(ddp_counters[name]))
-        models[name] = ddp
+        models[name] = torch.compile(ddp, backend=args.compile) if name.endswith("compiled") else ddp
         opts[name] = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
     # Count syncbn's own collectives by wrapping the one function every layer calls.
@@ -91,6 +111,9 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
     real_all_reduce = syncbn.comm.all_reduce_sum
 
     def counting_all_reduce(tensor, group=None):
+        if torch.compiler.is_compiling():
+            # Tracing: the graph calls syncbn's operator, whose eager body comes back here to count.
+            return real_all_reduce(tensor, group)
         sync_counter.add(tensor)
         t0 = time.perf_counter()
         out = real_all_reduce(tensor, group)
@@ -160,6 +183,8 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
             # for the slower rank at each of the 2 * bn_layers synchronization points.
             "syncbn_in_allreduce_ms": statistics.median(in_allreduce) * 1e3,
             "bound_ms": local_ms * 1.05 + 2 * n_bn * latency * 1e3,
+            "compile_backend": args.compile,
+            "graphs": graphs,
             "impls": {
                 name: {
                     "median_step_ms": statistics.median(ts) * 1e3,
@@ -189,6 +214,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--json", default=None)
     parser.add_argument("--dedicated-group", action="store_true",
                         help="give syncbn its own process group instead of DDP's default one")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time torch.compile'd twins with this backend (inductor, aot_eager)")
     args = parser.parse_args(argv)
 
     result = run_processes(_worker, args.nproc, args, args.timeout)
@@ -196,16 +223,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"# ResNet-18 width {result['width']}, {result['batch_per_rank']} x 3x{args.image}x{args.image} per rank, "
           f"{result['world_size']} CPU processes x {args.threads} thread(s), Gloo, DDP broadcast_buffers=False, "
           f"{args.steps} interleaved steps")
-    head = f"{'impl':<10} {'step ms':>9} {'x local':>8} {'syncbn coll.':>12} {'syncbn KB':>10} {'DDP AR':>7} {'DDP MB':>8}"
+    head = f"{'impl':<19} {'step ms':>9} {'x local':>8} {'syncbn coll.':>12} {'syncbn KB':>10} {'DDP AR':>7} {'DDP MB':>8}"
     print(head)
     print("-" * len(head))
     for name, e in result["impls"].items():
-        print(f"{name:<10} {e['median_step_ms']:>9.2f} {e['ratio_to_local']:>8.3f} {e['syncbn_collectives']:>12d} "
+        print(f"{name:<19} {e['median_step_ms']:>9.2f} {e['ratio_to_local']:>8.3f} {e['syncbn_collectives']:>12d} "
               f"{e['syncbn_bytes'] / 1e3:>10.1f} {e['ddp_allreduces']:>7d} {e['ddp_bytes'] / 1e6:>8.2f}")
     print(f"time inside syncbn's all_reduce calls per step (rank 0): {result['syncbn_in_allreduce_ms']:.2f} ms")
     print(f"BN layers: {result['bn_layers']}; syncbn all_reduce latency (2C+1 float64, median C): "
           f"{result['allreduce_latency_ms']:.3f} ms (torch.distributed: {result['torch_allreduce_latency_ms']:.3f} ms); bound local*1.05 + 2*layers*latency = {result['bound_ms']:.2f} ms; "
           f"syncbn {'meets' if result['impls']['syncbn']['median_step_ms'] <= result['bound_ms'] else 'exceeds'} it")
+    for name, g in result["graphs"].items():
+        print(f"{name}: {g['graphs']} graph(s), {g['graph_breaks']} break(s) (dynamo explain, model without DDP)"
+              + (f": {'; '.join(g['break_reasons'])}" if g["break_reasons"] else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
