@@ -16,7 +16,9 @@ no affine, ``momentum=None`` and ``SyncBatchRenorm``. It runs them
 - with NCCL and world size 1, the synchronized path forced (NCCL refuses two ranks on one GPU);
 - with no process group, where ``SyncBatchNorm`` must equal ``nn.BatchNorm`` bit for bit;
 
-and checks that the synchronized path launches exactly torch's four fused kernels per step.
+and checks that the synchronized path launches exactly torch's four fused kernels per step, and
+that a converted model compiled with ``fullgraph=True`` equals eager (on CUDA with NCCL through
+``mode="reduce-overhead"``, CUDA graphs, reporting whether inductor captured them).
 
 Then it times forward+backward of one layer on ResNet-50 shapes (CUDA events, implementations
 interleaved, medians and median ratios): ``nn.BatchNorm2d``; syncbn without a group; syncbn's
@@ -363,6 +365,57 @@ def check_no_group(device: str) -> list[dict[str, Any]]:
     return out
 
 
+def check_compiled(device: str, world: int) -> dict[str, Any]:
+    """A converted conv net under torch.compile(fullgraph=True) equals eager, step by step.
+
+    On CUDA with NCCL it compiles with ``mode="reduce-overhead"`` (inductor with CUDA graphs: the
+    synchronized forward and backward have no host read, so they can be captured) and reports
+    whether inductor captured or skipped the graphs; elsewhere (CPU, or Gloo, whose collectives
+    cannot be captured) it compiles with ``aot_eager``.
+    """
+    import copy
+
+    import torch._dynamo
+    import syncbn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+    )
+    eager = syncbn.convert_sync_bn(net).to(device)
+    model = copy.deepcopy(eager)
+    graphs = device == "cuda" and dist.get_backend() == "nccl"
+    kwargs: dict[str, Any] = {"mode": "reduce-overhead"} if graphs else {"backend": "aot_eager"}
+    compiled = torch.compile(model, fullgraph=True, **kwargs)
+    gen = torch.Generator().manual_seed(11 + dist.get_rank())
+    errors: dict[str, float] = {}
+    for step in range(5):
+        x = torch.randn(4, 3, 8, 8, generator=gen).to(device)
+        ye, yc = eager(x), compiled(x)
+        errors["output"] = max(errors.get("output", 0.0), _max_err(yc, ye))
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+            errors["grads"] = max(errors.get("grads", 0.0), _max_err(q.grad, p.grad))
+        for (name, b), c in zip(eager.named_buffers(), model.buffers()):
+            if b.is_floating_point():
+                errors["running stats"] = max(errors.get("running stats", 0.0), _max_err(c, b))
+            elif not torch.equal(b, c):
+                errors["num_batches_tracked"] = math.inf
+        eager.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+    skips = dict(torch._dynamo.utils.counters["inductor"]) if graphs else {}
+    failed = [k for k, v in errors.items() if not v <= 1e-4]
+    how = "reduce-overhead (CUDA graphs)" if graphs else "aot_eager"
+    captured = ""
+    if graphs:
+        skipped = {k: v for k, v in skips.items() if "skip" in k}
+        captured = f", CUDA graphs {'skipped: ' + str(skipped) if skipped else 'used'}"
+    return {"case": f"compiled fullgraph, {how}, equals eager{captured}", "errors": errors, "tol": 1e-4,
+            "ok": not failed, "failed": failed}
+
+
 # ----------------------------------------------------------------------------------------------
 # Correctness: processes
 
@@ -385,6 +438,11 @@ def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], 
             res = {"case": _case_name(case), "errors": {}, "ok": False, "failed": [f"{type(err).__name__}: {err}"],
                    "traceback": traceback.format_exc()}
         results.append(res)
+    try:
+        results.append(check_compiled(device, world))
+    except Exception as err:
+        results.append({"case": "compiled fullgraph equals eager", "errors": {}, "ok": False,
+                        "failed": [f"{type(err).__name__}: {err}"], "traceback": traceback.format_exc()})
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, results)

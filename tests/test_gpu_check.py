@@ -28,7 +28,8 @@ def test_gpu_check_dry_run(tmp_path):
     names = [r["case"] for r in result["results"]]
     # Every case ran in both multi-process phases, plus the no-group and kernel checks.
     for phase in ("W=2 gloo", "W=1 gloo, sync path forced"):
-        assert sum(name.startswith(phase + ":") for name in names) == len(gpu_check.CASES), phase
+        assert sum(name.startswith(phase + ":") for name in names) == len(gpu_check.CASES) + 1, phase
+        assert any(name.startswith(phase + ": compiled fullgraph") for name in names), phase
     assert any(name.startswith("no group equals nn.BatchNorm2d") for name in names)
     assert result["info"]["device"] == "cpu" and result["info"]["torch"]
     assert [row["shape"] for row in result["timings"]] == [list(s) for s in gpu_check.DRY_SHAPES for _ in (0, 1)]
