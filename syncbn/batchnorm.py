@@ -123,14 +123,22 @@ def _batch_norm(
             owned = running_mean if running_mean is not None else weight
             comm.check_consistency(name, x, group, key=owned)
         packed = comm.all_reduce_sum(BF.pack_stats(mean, var, count), group)
-        # The group's count stays a tensor: every decision below is tensor arithmetic that every
-        # rank computes alike, with no host read (torch.compile and CUDA graphs need that).
         mean, var, count = BF.unpack_stats(packed, mean.dtype)
-        usable = count >= min_count
         if fallback == "raise" or running_mean is None:
-            _check_group_count(name, count, usable, min_count, running_mean is not None)
-        elif running_mean is not None:
-            # Below min_count the running statistics stand in, as constants for autograd.
+            host_count = _check_group_count(name, count, min_count, running_mean is not None)
+            usable: Optional[Tensor] = None if host_count is not None else count >= min_count
+            if host_count is not None:
+                # Eagerly the check has read the count anyway: plain Python arithmetic from here
+                # on, a dozen small tensor ops fewer per call.
+                count = host_count
+                if count == 0:
+                    # Every rank of the group is empty: nothing to normalize, nothing to learn from.
+                    return _below_min_count(x, None, None, weight, bias, eps)
+        else:
+            # The count stays a tensor and every decision is tensor arithmetic that every rank
+            # computes alike, with no host read (torch.compile and CUDA graphs need that). Below
+            # min_count the running statistics stand in, as constants for autograd.
+            usable = count >= min_count
             mean = torch.where(usable, mean, running_mean.to(mean.dtype))
             var = torch.where(usable, var, running_var.to(var.dtype))
     else:
@@ -189,22 +197,24 @@ def _check_count(name: str, count: int, min_count: int, fallback: str, tracks_ru
         raise ValueError(_too_few(name, count, min_count, where, tracks_running))
 
 
-def _check_group_count(name: str, count: Tensor, usable: Tensor, min_count: int, tracks_running: bool) -> None:
+def _check_group_count(name: str, count: Tensor, min_count: int, tracks_running: bool) -> Optional[int]:
     """Fail loudly on every rank when the group has 1 to ``min_count - 1`` values per channel.
 
     Eagerly the count is read on the host (the one host read of a synchronized forward, as torch's
-    own layer has one) and the ``ValueError`` names it. Where the host cannot look (under
-    ``torch.compile``, or while a CUDA graph is captured) ``torch._assert_async`` stops the step
-    instead, with the same advice: a RuntimeError at this layer on CPU, a device-side assert on CUDA.
+    own layer has one), the ``ValueError`` names it, and the count is returned. Where the host
+    cannot look (under ``torch.compile``, or while a CUDA graph is captured) ``torch._assert_async``
+    stops the step instead, with the same advice: a RuntimeError at this layer on CPU, a device-side
+    assert on CUDA; then it returns None.
     """
     if torch.compiler.is_compiling() or (count.is_cuda and torch.cuda.is_current_stream_capturing()):
-        ok = usable | (count == 0)
+        ok = (count >= min_count) | (count == 0)
         where = "across the process group (count not read on the host: compiled or captured)"
         torch._assert_async(ok, _too_few(name, f"1 to {min_count - 1}", min_count, where, tracks_running))
-        return
+        return None
     n = int(count.item())
     if 0 < n < min_count:
         raise ValueError(_too_few(name, n, min_count, "across the process group", tracks_running))
+    return n
 
 
 def _in_backward() -> bool:
