@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from . import comm
 from . import functional as BF
 from ._autograd import SyncNormFunction
+from ._compat import is_compiling
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -206,7 +207,7 @@ def _check_group_count(name: str, count: Tensor, min_count: int, tracks_running:
     stops the step instead, with the same advice: a RuntimeError at this layer on CPU, a device-side
     assert on CUDA; then it returns None.
     """
-    if torch.compiler.is_compiling() or (count.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if is_compiling() or (count.is_cuda and torch.cuda.is_current_stream_capturing()):
         ok = (count >= min_count) | (count == 0)
         where = "across the process group (count not read on the host: compiled or captured)"
         torch._assert_async(ok, _too_few(name, f"1 to {min_count - 1}", min_count, where, tracks_running))
@@ -223,7 +224,7 @@ def _in_backward() -> bool:
     False while torch.compile traces: a compiled graph's recomputation replays pure ops only, never
     the buffer updates, and the query would otherwise break the graph at every layer.
     """
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
 

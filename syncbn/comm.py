@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._compat import is_compiling
 from ._shm import ShmChannel
 
 __all__ = [
@@ -74,7 +75,7 @@ def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tens
     backend without it, or a CUDA tensor on a CPU-only Gloo), or when a peer never joins (it
     crashed, exited, or took another path) and the group's timeout expires.
     """
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return _traced_all_reduce_sum(tensor, group)
     what = f"syncbn: all_reduce of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}"
     channel = None

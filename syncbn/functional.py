@@ -14,6 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling
+
 __all__ = [
     "stat_dtype",
     "channel_view",
@@ -256,7 +258,7 @@ def snapshot(t: Tensor) -> Tensor:
     and the schedule's limits, would be wrong in the gradient. A custom
     operator is never recomputed, so its output is saved. Eagerly it is ``t`` itself.
     """
-    if torch.compiler.is_compiling() and hasattr(torch.ops.syncbn, "snapshot"):
+    if is_compiling() and hasattr(torch.ops.syncbn, "snapshot"):
         return torch.ops.syncbn.snapshot(t)
     return t.detach()
 
