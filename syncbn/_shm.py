@@ -351,7 +351,10 @@ class ShmChannel:
             return
         # create() only builds channels whose ranks share this PID namespace: their pids mean here
         # what they meant there.
-        dead = [r for r in late if not _pid_alive(int(self.header[r, 1]))]
+        # A pid of 0 is a peer that has not written its pid yet (it does so right after create(),
+        # with no barrier after it): late, not dead.
+        pids = [int(self.header[r, 1]) for r in late]
+        dead = [r for r, pid in zip(late, pids) if pid != 0 and not _pid_alive(pid)]
         if dead:
             raise RuntimeError(f"group rank(s) {dead} exited before joining")
         if expired:

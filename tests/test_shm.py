@@ -332,3 +332,21 @@ def test_bench_transport_smoke(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "worker":
     _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+
+
+def test_a_peer_that_has_not_written_its_pid_is_late_not_dead():
+    """Right after create() a peer may not have written its pid yet (slot 0): never "exited".
+
+    Seen under load in an elastic restart: rank 1 waited past the first peer check before rank 0
+    had published its pid, read 0, and raised "group rank(s) [0] exited before joining".
+    """
+    from syncbn._shm import ShmChannel
+
+    world, capacity = 2, 4
+    raw = torch.zeros(ShmChannel.words(world, capacity), dtype=torch.int64)
+    channel = ShmChannel(raw, world, 1, capacity, timeout=30.0)  # this process is rank 1
+    assert int(channel.header[0, 1]) == 0 and int(channel.header[1, 1]) == os.getpid()
+    channel._check_peers(1, expired=False)  # rank 0 late, pid unknown: no error
+    channel.header[0, 1] = 2**22 + 12345  # a pid that does not exist here: now it is dead
+    with pytest.raises(RuntimeError, match="exited before joining"):
+        channel._check_peers(1, expired=False)
