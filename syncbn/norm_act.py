@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import comm
-from .batchnorm import SyncBatchNorm, _check_input
+from .batchnorm import _TORCH_NORM_TAKES_BIAS, SyncBatchNorm, _check_input
 from .micro_batch import FrozenBatchNorm
 from .renorm import SyncBatchRenorm
 
@@ -156,10 +156,11 @@ class FrozenBatchNormAct(_DropAct, FrozenBatchNorm):
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         *,
+        bias: bool = True,
         act: Optional[nn.Module] = None,
         drop: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype)
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
         self._init_drop_act(drop, act)
 
 
@@ -193,8 +194,14 @@ class BatchNormAct(_DropAct, _BatchNorm):
         drop: Optional[nn.Module] = None,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        bias_kwarg = {"bias": bias} if _TORCH_NORM_TAKES_BIAS else {}
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **bias_kwarg
+        )
+        if affine and not bias and not _TORCH_NORM_TAKES_BIAS:
+            self.register_parameter("bias", None)
         self._init_drop_act(drop, act)
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -610,3 +610,19 @@ def test_uninitialized_lazy_batch_norm_is_refused(convert):
         getattr(syncbn, convert)(model)
     model(torch.randn(2, 3, 4, 4))  # now a BatchNorm2d
     assert type(syncbn.convert_sync_bn(model)[1]) is syncbn.SyncBatchNorm
+
+
+def test_norm_act_layers_take_torchs_bias_argument():
+    """bias=False (a learnt scale, no shift) on the norm-act layers too, computing what BN + act does."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    for cls in (syncbn.SyncBatchNormAct, syncbn.FrozenBatchNormAct, syncbn.BatchNormAct):
+        layer = cls(3, bias=False, act=nn.ReLU())
+        assert layer.bias is None and layer.weight is not None, cls.__name__
+        ref = nn.BatchNorm2d(3, bias=False)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            ref.weight.copy_(layer.weight)
+        if cls is syncbn.FrozenBatchNormAct:
+            ref.eval()
+        assert torch.allclose(layer(x), torch.relu(ref(x)), atol=1e-6), cls.__name__
