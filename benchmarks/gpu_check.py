@@ -306,18 +306,14 @@ class _CountingKernels:
 def check_kernels(device: str) -> dict[str, Any]:
     """Two synchronized steps launch each of torch's four fused kernels exactly twice (CUDA)."""
     import syncbn
-    from syncbn import functional as BF
+    from syncbn import _config
 
     counting = _CountingKernels()
-    saved = BF._kernels
-    BF._kernels = counting
-    try:
+    with _config.testing(kernels=counting):
         layer = syncbn.SyncBatchNorm(8).to(device)
         x = torch.randn(4, 8, 5, 5, device=device, requires_grad=True)
         for _ in range(2):
             layer(x).sum().backward()
-    finally:
-        BF._kernels = saved
     expected = (
         {k: 2 for k in ("batch_norm_update_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")}
         if device == "cuda"
@@ -427,9 +423,10 @@ def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], 
         torch.cuda.set_device(0)
     store = dist.FileStore(store_path, world)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=args["timeout"]))
-    from syncbn import batchnorm as _bn
+    from syncbn import _config
 
-    _bn._ALWAYS_SYNC = args["force_sync"]
+    forced = _config.testing(always_sync=args["force_sync"])
+    forced.__enter__()
     results = []
     for case in CASES:
         try:
@@ -530,13 +527,10 @@ class _SyncbnForcedSync(nn.Module):
         self.layer = syncbn.SyncBatchNorm(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from syncbn import batchnorm as _bn
+        from syncbn import _config
 
-        _bn._ALWAYS_SYNC = True
-        try:
+        with _config.testing(always_sync=True):
             return self.layer(x)
-        finally:
-            _bn._ALWAYS_SYNC = False
 
 
 def _peak_bandwidth_gbs(device: str) -> Optional[float]:

@@ -1,20 +1,23 @@
 """syncbn: synchronized batch normalization for data-parallel PyTorch (CPU with Gloo; CUDA with NCCL)."""
 
-from .batchnorm import SyncBatchNorm, sync_batch_norm
-from .comm import new_sync_groups, set_debug, set_shared_memory
-from .convert import BatchNormNd, convert_sync_bn, revert_sync_bn
-from .convert import convert_bn_to_gn, freeze_bn, unfreeze_bn
-from .convert import ConversionContext, register_conversion
-from .norm_act import BatchNormAct, FrozenBatchNormAct, GroupNormAct, SyncBatchNormAct, SyncBatchRenormAct
-from .micro_batch import FrozenBatchNorm, accumulate_bn_stats, recompute_bn_stats
-from .renorm import RenormSchedule, SyncBatchRenorm
+from ._consistency import set_debug
+from ._masking import masked
+from ._rules import ConversionContext, register_conversion
+from .batchnorm import BatchNormNd, SyncBatchNorm, sync_batch_norm
+from .comm import new_sync_groups, set_shared_memory
+from .convert import convert_bn_to_gn, convert_sync_bn, freeze_bn, revert_sync_bn, unfreeze_bn
 from .distributed import DistInfo, cleanup, init_distributed
+from .frozen import FrozenBatchNorm
+from .micro_batch import accumulate_bn_stats, recompute_bn_stats
+from .norm_act import BatchNormAct, FrozenBatchNormAct, GroupNormAct, SyncBatchNormAct, SyncBatchRenormAct
+from .renorm import RenormSchedule, SyncBatchRenorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SyncBatchNorm",
     "sync_batch_norm",
+    "masked",
     "new_sync_groups",
     "set_debug",
     "set_shared_memory",

@@ -1,23 +1,42 @@
-"""The autograd Function behind synchronized batch normalization.
+"""The autograd Functions behind synchronized batch normalization.
 
-The forward receives the group's statistics (already all-reduced by the caller) and normalizes;
-the backward all-reduces the two per-channel gradient sums and applies the training-mode formula.
-On CUDA both go through torch's fused SyncBatchNorm kernels, elsewhere through the composed path
-(see :mod:`syncbn.functional`).
+:class:`SyncNormFunction` receives the group's statistics (already merged by the caller) and
+normalizes; its backward all-reduces the two per-channel gradient sums and applies the
+training-mode formula. On CUDA both go through torch's fused SyncBatchNorm kernels
+(:mod:`syncbn._kernels`), elsewhere through the composed path (:mod:`syncbn.functional`).
+
+Second-order gradients (``create_graph=True``: gradient penalties) take another route: the
+backward recomputes the layer from its saved input with differentiable operations, the group's
+sums going through :class:`AllReduceSum` (a differentiable all_reduce whose backward is again an
+all_reduce), and returns ``torch.autograd.grad`` of that with ``create_graph=True``. So the
+gradients it returns are themselves differentiable, across the group.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import comm
+from . import _kernels, comm
 from . import functional as BF
+from ._compat import is_compiling
 
-__all__ = ["SyncNormFunction"]
+__all__ = ["SyncNormFunction", "AllReduceSum"]
+
+
+class AllReduceSum(torch.autograd.Function):
+    """``sum over the ranks of group of t``, differentiable to any order (the gradient of a sum is the sum of the gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Optional[comm.ProcessGroup]) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return comm.all_reduce_sum(t.detach().clone(), group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
 class SyncNormFunction(torch.autograd.Function):
@@ -26,15 +45,18 @@ class SyncNormFunction(torch.autograd.Function):
     ``r`` and ``d`` are Batch Renormalization's corrections (constants for autograd); plain batch
     norm passes None for both (``r = 1``, ``d = 0``). Both, and a missing weight or bias, are folded
     into one per-channel ``scale`` and ``shift`` (:func:`syncbn.functional.fold_affine`), so every
-    variant runs the same kernels.
+    variant runs the same kernels. With ``mask``, padded positions give 0 and no gradient.
 
     Saved for backward: the input ``x`` itself (no copy, no float64 or normalized tensor; on CUDA a
-    copy only when ``x`` is in none of the layouts the kernels take, as torch's own layer does) and
-    per-channel vectors (mean, var or invstd, scale, r, d): the saved bytes are the input's plus O(C).
+    copy only when ``x`` is in none of the layouts the kernels take, as torch's own layer does),
+    the mask if any, the weight and bias (for second-order gradients) and per-channel vectors:
+    the saved bytes are the input's plus O(C).
 
-    With ``sync`` the backward always runs exactly one all_reduce of the ``2C`` float64 gradient
-    sums over ``group``, also on a rank whose batch is empty, so that ranks never wait on each
-    other; without it, it communicates nothing.
+    ``sync`` says whether the backward all-reduces: False for one process, and in eager steps
+    where no rank's input needs a gradient (every rank knows it from the forward's statistics);
+    compiled and captured steps always do. Then it runs exactly one all_reduce of ``2C + 1``
+    float64 values over ``group``, also on a rank whose batch is empty, so that ranks never wait on
+    each other.
     """
 
     @staticmethod
@@ -47,70 +69,161 @@ class SyncNormFunction(torch.autograd.Function):
         var: Tensor,
         eps: float,
         count: Union[int, Tensor],
+        counts: Optional[Tensor],
         group: Optional[comm.ProcessGroup],
         sync: bool,
         r: Optional[Tensor],
         d: Optional[Tensor],
-        usable: Optional[Tensor] = None,
+        usable: Optional[Tensor],
+        mask: Optional[Tensor],
     ) -> Tensor:
-        ctx.fused = BF.uses_fused_kernels(x)
-        ctx.eps, ctx.count, ctx.group, ctx.sync, ctx.usable = eps, count, group, sync, usable
+        ctx.fused = _kernels.uses_fused_kernels(x) and mask is None
+        ctx.eps, ctx.count, ctx.counts, ctx.group, ctx.sync, ctx.usable = eps, count, counts, group, sync, usable
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else mean.dtype
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         if ctx.fused:
-            x = BF.fused_layout(x)
+            x = _kernels.fused_layout(x)
             invstd = torch.rsqrt(var + eps)
             scale, shift = BF.fold_affine(weight, bias, r, d, like=mean)
-            ctx.save_for_backward(x, mean, invstd, scale, r, d)
-            return BF.fused_normalize(x, mean, invstd, scale, shift)
+            ctx.save_for_backward(x, mean, invstd, scale, r, d, mask, weight, bias)
+            return _kernels.fused_normalize(x, mean, invstd, scale, shift)
         scale, shift = BF.fold_affine(weight, bias, r, d)
-        ctx.save_for_backward(x, mean, var, scale, r, d)
-        return BF.normalize(x, mean, var, scale, shift, eps)
+        ctx.save_for_backward(x, mean, var, scale, r, d, mask, weight, bias)
+        return BF.normalize(x, mean, var, scale, shift, eps, mask)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, mean, spread, scale, r, d = ctx.saved_tensors
-        c = mean.numel()
-        if ctx.fused:
-            invstd = spread
-            grad_out = BF.fused_layout(grad_out, like=x)
-            # sum_dy_x = sum(dy * (x - mean)), as the fused elementwise kernel takes it.
-            sum_dy, sum_dy_x = BF.fused_grad_sums(grad_out, x, mean, invstd, scale)
-        else:
-            var = spread
-            invstd = torch.rsqrt(var + ctx.eps)
-            # sum_dy_x = sum(dy * (x - mean)) * invstd: plain batch norm's grad_weight.
-            sum_dy, sum_dy_x = BF.grad_sums(grad_out, x, mean, invstd)
-        local = torch.cat([sum_dy, sum_dy_x])
-        if ctx.sync:
-            group_sums = comm.all_reduce_sum(local.to(torch.float64), ctx.group).to(mean.dtype)
-        else:
-            group_sums = local
-        if ctx.usable is not None:
-            # A group below min_count normalized with the running statistics, constants for
-            # autograd: the batch terms of the gradient vanish (every rank still reduced above).
-            group_sums = group_sums * ctx.usable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        x, mean, spread, scale, r, d, mask, weight, bias = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled() and not is_compiling()
+        with torch.no_grad():
+            sums = _gradient_sums(ctx, grad_out, x, mean, spread, scale, mask, create_graph)
+        if create_graph:
+            return _second_order(ctx, grad_out, x, mean, spread, r, d, mask, weight, bias)
+        with torch.no_grad():
+            return _first_order(ctx, x, mean, spread, scale, r, d, mask, sums)
 
-        grad_x = grad_w = grad_b = None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        count = ctx.count
-        if need_x and ctx.fused:
-            if isinstance(count, Tensor):
-                count = count.to(torch.int32).reshape(1)  # stays on the device: no host read
-            else:
-                count = torch.full((1,), count, dtype=torch.int32, device=x.device)
-            grad_x = BF.fused_grad_input(
-                grad_out, x, mean, invstd, scale, group_sums[:c], group_sums[c:], count
+
+class _Sums(NamedTuple):
+    grad_out: Tensor  # zero where padded
+    x: Tensor  # the mean where padded
+    invstd: Tensor
+    sum_dy: Tensor  # local
+    sum_dy_x: Tensor  # local
+    group: Tensor  # the group's [sum_dy, sum_dy_x] (the local ones when not synchronized)
+
+
+def _gradient_sums(
+    ctx: Any, grad_out: Tensor, x: Tensor, mean: Tensor, spread: Tensor, scale: Optional[Tensor],
+    mask: Optional[Tensor], create_graph: bool,
+) -> _Sums:
+    """Local gradient sums, then (when synchronized) the group's, with the create_graph agreement."""
+    c = mean.numel()
+    if mask is not None:
+        m = mask.unsqueeze(1) if x.dim() > 1 else mask
+        grad_out = torch.where(m, grad_out, 0)
+        x = torch.where(m, x, BF.channel_view(mean.to(x.dtype), x.dim()))  # xhat = 0 where padded
+    if ctx.fused:
+        invstd = spread
+        grad_out = _kernels.fused_layout(grad_out, like=x)
+        # sum_dy_x = sum(dy * (x - mean)), as the fused elementwise kernel takes it.
+        sum_dy, sum_dy_x = _kernels.fused_grad_sums(grad_out, x, mean, invstd, scale)
+    else:
+        invstd = torch.rsqrt(spread + ctx.eps)
+        # sum_dy_x = sum(dy * (x - mean)) * invstd: plain batch norm's grad_weight.
+        sum_dy, sum_dy_x = BF.grad_sums(grad_out, x, mean, invstd)
+    if ctx.sync is False:
+        return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, torch.cat([sum_dy, sum_dy_x]))
+    # One more value: how many ranks want second-order gradients. They all must, or none.
+    flag = sum_dy.new_full((1,), 1.0 if create_graph else 0.0)
+    local = torch.cat([sum_dy, sum_dy_x, flag]).to(torch.float64)
+    reduced = comm.all_reduce_sum(local, ctx.group)
+    if create_graph or (reduced.device.type == "cpu" and not is_compiling()):
+        agree = int(reduced[-1].item())
+        world = comm.group_size(ctx.group)
+        if 0 < agree < world:
+            raise ValueError(
+                f"syncbn: expected every rank of the group to run this backward alike, got "
+                f"{agree} of {world} ranks with create_graph=True (second-order gradients) and the "
+                "others without; call backward/autograd.grad with the same create_graph on every rank"
             )
-        elif need_x:
-            means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
-            grad_x = BF.grad_input(grad_out, x, mean, var, ctx.eps, scale, means[:c], means[c:])
-        if need_w:
-            # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
-            sum_dy_xhat = sum_dy_x * invstd if ctx.fused else sum_dy_x
-            grad_w = sum_dy_xhat if r is None else sum_dy_xhat * r + d * sum_dy
-            grad_w = grad_w.to(ctx.weight_dtype)
-        if need_b:
-            grad_b = sum_dy.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+    return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, reduced[: 2 * c].to(mean.dtype))
+
+
+def _first_order(
+    ctx: Any, x: Tensor, mean: Tensor, spread: Tensor, scale: Optional[Tensor], r: Optional[Tensor],
+    d: Optional[Tensor], mask: Optional[Tensor], sums: _Sums,
+) -> tuple[Optional[Tensor], ...]:
+    c = mean.numel()
+    grad_out, x_filled, invstd, sum_dy, sum_dy_x, group_sums = sums
+    if ctx.usable is not None:
+        # A group below min_count normalized with the running statistics, constants for
+        # autograd: the batch terms of the gradient vanish (every rank still reduced above).
+        group_sums = group_sums * ctx.usable
+    grad_x = grad_w = grad_b = None
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    count = ctx.count
+    if need_x and ctx.fused:
+        counts = ctx.counts if ctx.counts is not None else torch.as_tensor([count], device=x.device)
+        counts = counts.to(device=x.device, dtype=torch.int32)
+        grad_x = _kernels.fused_grad_input(
+            grad_out, x_filled, mean, invstd, scale, group_sums[:c], group_sums[c:], counts
+        )
+    elif need_x:
+        means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
+        grad_x = BF.grad_input(grad_out, x_filled, mean, spread, ctx.eps, scale, means[:c], means[c:])
+        if mask is not None:
+            grad_x = torch.where(mask.unsqueeze(1) if x.dim() > 1 else mask, grad_x, 0)
+    if need_w:
+        # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
+        sum_dy_xhat = sum_dy_x * invstd if ctx.fused else sum_dy_x
+        grad_w = sum_dy_xhat if r is None else sum_dy_xhat * r + d * sum_dy
+        grad_w = grad_w.to(ctx.weight_dtype)
+    if need_b:
+        grad_b = sum_dy.to(ctx.bias_dtype)
+    return (grad_x, grad_w, grad_b) + (None,) * 12
+
+
+def _second_order(
+    ctx: Any, grad_out: Tensor, x: Tensor, mean: Tensor, spread: Tensor, r: Optional[Tensor],
+    d: Optional[Tensor], mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+) -> tuple[Optional[Tensor], ...]:
+    """Differentiable gradients: recompute the layer from ``x`` and differentiate it with create_graph.
+
+    Every rank builds the same graph (its input is made a differentiable node even where it
+    needs no gradient), so the all_reduces of the recomputation's backward pair up across ranks.
+    """
+    eps = ctx.eps
+    sync = ctx.sync is not False
+    stat = BF.stat_dtype(x.dtype)
+    xs = x if x.requires_grad else x.detach().requires_grad_()
+    with torch.enable_grad():
+        xd = xs.to(stat)
+        dims = BF.reduce_dims(x)
+        m = None if mask is None else (mask.unsqueeze(1) if x.dim() > 1 else mask)
+        if ctx.usable is not None and not bool(ctx.usable):
+            mu, var = mean.detach(), (spread if not ctx.fused else spread.pow(-2) - eps).detach()
+        else:
+            count = float(ctx.count)
+            s1 = (xd if m is None else torch.where(m, xd, 0)).sum(dims)
+            mu = (AllReduceSum.apply(s1, ctx.group) if sync else s1) / count
+            dev = xd - BF.channel_view(mu, x.dim())
+            if m is not None:
+                dev = torch.where(m, dev, 0)
+            s2 = (dev * dev).sum(dims)
+            var = (AllReduceSum.apply(s2, ctx.group) if sync else s2) / count
+        xhat = (xd - BF.channel_view(mu, x.dim())) * BF.channel_view(torch.rsqrt(var + eps), x.dim())
+        scale, shift = BF.fold_affine(weight, bias, r, d)
+        y = xhat if scale is None else xhat * BF.channel_view(scale, x.dim())
+        y = y if shift is None else y + BF.channel_view(shift, x.dim())
+        if m is not None:
+            y = torch.where(m, y, 0)
+        y = y.to(x.dtype)
+        want = [xs] + [p for p in (weight, bias) if p is not None and p.requires_grad]
+        grads = list(torch.autograd.grad(y, want, grad_out, create_graph=True, allow_unused=True))
+    grad_x = grads.pop(0) if ctx.needs_input_grad[0] else None
+    grad_w = grads.pop(0) if weight is not None and weight.requires_grad else None
+    grad_b = grads.pop(0) if bias is not None and bias.requires_grad else None
+    if grad_x is None and ctx.needs_input_grad[0]:
+        grad_x = torch.zeros_like(x)
+    return (grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b if ctx.needs_input_grad[2] else None) + (None,) * 12

@@ -57,6 +57,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _compat, _config
+
 __all__ = ["ShmChannel", "shm_supported", "shm_dir"]
 
 _TOKEN = 2  # random int64 words at the start of the mapping
@@ -86,18 +88,19 @@ def shm_supported() -> bool:
 
 def shm_dir() -> str:
     """Folder of the (short-lived) mapping files: ``$SYNCBN_SHM_DIR``, else ``/dev/shm``, else the temp dir."""
-    folder = os.environ.get("SYNCBN_SHM_DIR", "")
+    folder = _config.shm_dir()
     if folder:
         return folder
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def _group_timeout(group: Optional[dist.ProcessGroup]) -> float:
-    try:  # private API; a missing attribute only costs the default
-        pg = group if group is not None else dist.distributed_c10d._get_default_group()
-        return pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except Exception:
-        return _DEFAULT_TIMEOUT.total_seconds()
+    """Seconds a rank waits for its peers: ``$SYNCBN_TIMEOUT``, else the group's own timeout."""
+    env = _config.timeout()
+    if env is not None:
+        return env.total_seconds()
+    own = _compat.group_timeout(group)
+    return (own or _DEFAULT_TIMEOUT).total_seconds()
 
 
 def _usable_cpus() -> int:
@@ -282,8 +285,8 @@ class ShmChannel:
             os.close(fd)
         return path, token, ""
 
-    # Waiting on shared memory is not traceable: under torch.compile it runs eagerly, a graph
-    # break like any collective.
+    # Waiting on shared memory is not traceable: under torch.compile it runs inside an opaque
+    # custom operator (comm.py), never traced.
     @torch.compiler.disable
     def all_reduce_(self, tensor: Tensor) -> bool:
         """Sum ``tensor`` (float64, CPU, contiguous) over the group, in place.
@@ -292,6 +295,28 @@ class ShmChannel:
         exceeds the capacity (build a larger channel and call again). Raises ``ValueError`` on
         every rank when the ranks passed different sizes; the channel stays usable.
         """
+        slots = self._exchange(tensor, "all_reduce")
+        if slots is None:
+            return False
+        torch.sum(slots, dim=0, out=tensor)
+        return True
+
+    @torch.compiler.disable
+    def all_gather_(self, tensor: Tensor, out: Tensor) -> bool:
+        """Gather ``tensor`` (float64, CPU, contiguous, ``L`` values) of every rank into ``out`` ``(W, L)``.
+
+        Row ``r`` of ``out`` is group rank ``r``'s vector. Returns False, with ``out`` untouched,
+        when every rank passed the same size and it exceeds the capacity; raises ``ValueError`` on
+        every rank when the sizes differ, as :meth:`all_reduce_`.
+        """
+        slots = self._exchange(tensor, "all_gather")
+        if slots is None:
+            return False
+        out.copy_(slots)
+        return True
+
+    def _exchange(self, tensor: Tensor, what: str) -> Optional[Tensor]:
+        """Publish ``tensor`` in this rank's slot, wait for every rank; the ``(W, n)`` slots, or None if too big."""
         n = tensor.numel()
         fits = n <= self.capacity
         self.round += 1
@@ -299,7 +324,7 @@ class ShmChannel:
         parity = k % 2
         slots = self.data[parity, :, :n]
         if fits:
-            slots[self.index].copy_(tensor)
+            slots[self.index].copy_(tensor.reshape(-1))
         self.header[self.index, 2 + parity] = n
         self.rounds[self.index] = k  # publish: the slot's stores are visible before this one
         self._wait(k)
@@ -308,13 +333,10 @@ class ShmChannel:
         if bool((sizes != n).any()):
             raise ValueError(
                 f"the ranks of the group passed vectors of different sizes {sizes.tolist()} to the "
-                "same all_reduce: they are not in the same layer. Run with SYNCBN_DEBUG=1 to see "
+                f"same {what}: they are not in the same layer. Run with SYNCBN_DEBUG=1 to see "
                 "which layer each rank is in."
             )
-        if not fits:
-            return False
-        torch.sum(slots, dim=0, out=tensor)
-        return True
+        return slots if fits else None
 
     def _ready(self, k: int) -> bool:
         return bool((self.rounds >= k).all())

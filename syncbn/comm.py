@@ -1,20 +1,23 @@
-"""The one place that talks to other processes.
+"""The only door to other processes: every collective of the library goes through here.
 
-Every collective of the library goes through here, so the rule "every rank of the group joins every
-collective the same number of times" can be read off one file.
+So the rule "every rank of the group joins every collective the same number of times, in the same
+order" can be read off one file. Two collectives exist: :func:`all_gather` (each rank's statistics,
+forward) and :func:`all_reduce_sum` (gradient sums, backward). Ranks of one machine exchange them
+through shared memory (:mod:`syncbn._shm`), everything else through ``torch.distributed``. Under
+``torch.compile`` both are custom operators with ordered side effects (see :func:`_ordered_op`),
+so every compiled graph runs them in program order, whatever graph each rank compiled.
 """
 
 from __future__ import annotations
 
-import os
 import weakref
-import zlib
-from typing import Any, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _compat, _config
 from ._compat import is_compiling
 from ._shm import ShmChannel
 
@@ -23,12 +26,10 @@ __all__ = [
     "GroupRef",
     "group_size",
     "all_reduce_sum",
+    "all_gather",
     "set_shared_memory",
     "shared_memory_enabled",
     "new_sync_groups",
-    "set_debug",
-    "debug_enabled",
-    "check_consistency",
 ]
 
 if dist.is_available():
@@ -65,103 +66,141 @@ def group_size(group: Optional[ProcessGroup] = None) -> int:
     return dist.get_world_size(group)
 
 
-def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
-    """Sum ``tensor`` in place over ``group`` (blocking) and return it.
+def _failed(what: str, how: str, err: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"{what} failed {how}: {err}. If the backend refused the tensor, use a backend that "
+        "supports this device (NCCL for CUDA tensors, Gloo for CPU tensors). If a peer rank "
+        "crashed, exited or skipped this layer (a timeout or closed connection), look at that "
+        "rank's log; SYNCBN_DEBUG=1 checks that all ranks call the same layers."
+    )
 
-    Ranks of the group that share a machine exchange float64 CPU vectors through shared memory
-    (tens of microseconds instead of Gloo's fraction of a millisecond; see :mod:`syncbn._shm`);
-    everything else goes through ``torch.distributed.all_reduce``. Raises a ``RuntimeError`` that
-    names the tensor's dtype, device and the backend when the backend refuses it (say float64 on a
-    backend without it, or a CUDA tensor on a CPU-only Gloo), or when a peer never joins (it
-    crashed, exited, or took another path) and the group's timeout expires.
+
+def _run(kind: str, tensor: Tensor, group: Optional[ProcessGroup], shm: Callable, fallback: Callable) -> Tensor:
+    """Run one collective through shared memory when this group has a channel, else ``fallback()``.
+
+    ``shm(channel)`` returns the result, or None when the channel is too small for this size (every
+    rank published the same size, so every rank grows the channel and tries again).
     """
-    if is_compiling():
-        return _traced_all_reduce_sum(tensor, group)
-    what = f"syncbn: all_reduce of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}"
+    what = f"syncbn: {kind} of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}"
     channel = None
     try:
         channel = _shm_channel(tensor, group)
         if channel is not None:
             try:
-                if not channel.all_reduce_(tensor):
-                    # Every rank published this same size, larger than the channel: grow it together.
+                out = shm(channel)
+                if out is None:
                     channel = _shm_channel(tensor, group, grow=channel)
-                    if channel is not None:
-                        channel.all_reduce_(tensor)
-                        return tensor
-                else:
-                    return tensor
+                    out = shm(channel) if channel is not None else None
+                if out is not None:
+                    return out
             except RuntimeError:
                 # A failed exchange leaves the ranks' round counters apart: never reuse this channel.
                 # (A size mismatch, ValueError, is seen alike by every rank and leaves it usable.)
                 _drop_channel(group)
                 raise
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return fallback()
     except RuntimeError as err:
         how = "in shared memory" if channel is not None else f"on the {dist.get_backend(group)!r} backend"
-        raise RuntimeError(
-            f"{what} failed {how}: {err}. If the backend refused the tensor, use a backend that "
-            "supports this device (NCCL for CUDA tensors, Gloo for CPU tensors). If a peer rank "
-            "crashed, exited or skipped this layer (a timeout or closed connection), look at that "
-            "rank's log; SYNCBN_DEBUG=1 checks that all ranks call the same layers."
-        ) from err
+        raise _failed(what, how, err) from err
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from err
-    return tensor
+
+
+def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Sum ``tensor`` over ``group`` (blocking) and return the sum (``tensor`` itself, summed in place, when eager).
+
+    Raises a ``RuntimeError`` that names the tensor's dtype, device and the backend when the
+    backend refuses it, or when a peer never joins (it crashed, exited, or took another path) and
+    the group's timeout expires; ``ValueError`` when the ranks passed different sizes (shared memory).
+    """
+    if is_compiling():
+        return _all_reduce_sum_op(tensor, _group_name(group))
+
+    def shm(channel: ShmChannel) -> Optional[Tensor]:
+        return tensor if channel.all_reduce_(tensor) else None
+
+    def fallback() -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    return _run("all_reduce", tensor, group, shm, fallback)
+
+
+def all_gather(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
+    """Every rank's ``tensor`` (1-D, ``L`` values), stacked in group-rank order: ``(W, L)``.
+
+    Every rank of ``group`` gets the same rows, so anything computed from them in a fixed order
+    is identical on every rank. Errors as :func:`all_reduce_sum`.
+    """
+    world = group_size(group)
+    if is_compiling():
+        return _all_gather_op(tensor, _group_name(group), world)
+    out = tensor.new_empty((world, tensor.numel()))
+
+    def shm(channel: ShmChannel) -> Optional[Tensor]:
+        return out if channel.all_gather_(tensor, out) else None
+
+    def fallback() -> Tensor:
+        if tensor.is_cuda or dist.get_backend(group) != "gloo":
+            dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        else:  # Gloo has no all_gather_into_tensor on every torch
+            dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=group)
+        return out
+
+    return _run("all_gather", tensor, group, shm, fallback)
+
+
+def _group_name(group: Optional[ProcessGroup]) -> str:
+    pg = group if group is not None else dist.group.WORLD
+    return pg.group_name
 
 
 # ---------------------------------------------------------------------------------------------
-# Inside torch.compile: the same all_reduce as one opaque operator.
+# Inside torch.compile: the same collectives as opaque, ordered operators.
 #
-# Dynamo can trace neither a ProcessGroup call nor the shared-memory channel. Under compilation
-# all_reduce_sum therefore calls a custom operator that names the group by its ``group_name``
-# string (as torch's functional collectives do) and, when the graph runs, performs the eager
-# all_reduce above (shared memory or torch.distributed). It returns a new tensor, so the graph sees
-# no mutation; every rank's graph calls it in the same order, as eager code does.
-
-_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
-
-
-def _group_from_name(name: str) -> ProcessGroup:
-    try:  # torch's own lookup from a group name (what functional collectives use)
-        return dist.distributed_c10d._resolve_process_group(name)
-    except AttributeError:  # pragma: no cover - torch without it: search the registry
-        for pg, pg_name in dist.distributed_c10d._world.pg_names.items():
-            if pg_name == name:
-                return pg
-        raise ValueError(f"syncbn: no process group named {name!r}") from None
+# Dynamo can trace neither a ProcessGroup call nor the shared-memory channel. Under compilation the
+# functions above therefore call custom operators that name the group by its ``group_name`` string
+# (as torch's functional collectives do) and, when the graph runs, perform the eager collective.
+# They return new tensors, so the graph sees no mutation. They are registered with *ordered*
+# effects: AOTAutograd threads one effect token through every call, in program order, in the
+# forward and in the backward graph, so no graph pass can reorder two collectives (say those of
+# two parallel branches) or drop one whose result goes unused. Ranks whose graphs differ (a rank
+# with a batch of 0 or 1 recompiles with other specializations, or breaks its graph elsewhere)
+# therefore still pair every collective with the same one on their peers.
 
 
-if _HAS_CUSTOM_OP:
+if _compat.HAS_CUSTOM_OP:
 
-    @torch.library.custom_op("syncbn::all_reduce_sum", mutates_args=())
+    @_compat.custom_op("syncbn::all_reduce_sum", ordered=True)
     def _all_reduce_sum_op(tensor: Tensor, group_name: str) -> Tensor:
-        return all_reduce_sum(tensor.clone(), _group_from_name(group_name))
+        return all_reduce_sum(tensor.clone(), _compat.group_by_name(group_name))
 
     @_all_reduce_sum_op.register_fake
     def _(tensor: Tensor, group_name: str) -> Tensor:
         return torch.empty_like(tensor)
 
-    # A collective whose result goes unused (a backward where no input needs a gradient) must
-    # still run on this rank, or its peers wait: keep graph passes from eliminating it.
-    torch.fx.node.has_side_effect(torch.ops.syncbn.all_reduce_sum.default)
+    @_compat.custom_op("syncbn::all_gather", ordered=True)
+    def _all_gather_op(tensor: Tensor, group_name: str, world: int) -> Tensor:
+        return all_gather(tensor, _compat.group_by_name(group_name))
 
-    def _traced_all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        pg = group if group is not None else dist.group.WORLD
-        return _all_reduce_sum_op(tensor, pg.group_name)
+    @_all_gather_op.register_fake
+    def _(tensor: Tensor, group_name: str, world: int) -> Tensor:
+        return tensor.new_empty((world, tensor.numel()))
 
-else:  # pragma: no cover - older torch: the collective breaks the graph, as it always did
+else:  # pragma: no cover - older torch: the collectives break the graph, as they always did
 
     @torch.compiler.disable
-    def _traced_all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        return all_reduce_sum(tensor, group)
+    def _all_reduce_sum_op(tensor: Tensor, group_name: str) -> Tensor:
+        return all_reduce_sum(tensor.clone(), _compat.group_by_name(group_name))
+
+    @torch.compiler.disable
+    def _all_gather_op(tensor: Tensor, group_name: str, world: int) -> Tensor:
+        return all_gather(tensor, _compat.group_by_name(group_name))
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared-memory all_reduce between ranks of one machine.
+# Shared-memory channels between ranks of one machine.
 
-_ENV_SHM = "SYNCBN_SHM"
-_shm = os.environ.get(_ENV_SHM, "1").strip().lower() not in ("0", "false", "no", "off")
 # Per process group, keyed by id(group): (weak reference to the group, its channel or None when its
 # ranks cannot share memory). A channel belongs to one group object: a lookup checks the reference
 # is that very object (an id can be reused after a group dies) and that the group is still
@@ -171,20 +210,19 @@ _channels: dict[int, tuple["weakref.ref[ProcessGroup]", Optional[ShmChannel]]] =
 _MIN_CAPACITY = 16384
 
 
-def set_shared_memory(flag: bool) -> None:
-    """Use (True, the default) or not the shared-memory all_reduce between ranks of one machine.
+def set_shared_memory(flag: Optional[bool]) -> None:
+    """Use (True, the default) or not (False) the shared-memory transport between ranks of one machine.
 
-    Every rank of a group must use the same setting; ``SYNCBN_SHM=0`` in the environment turns it
-    off from the start. Channels already built stay cached and are used again if it is turned
-    back on.
+    Every rank of a group must use the same setting. ``None`` goes back to ``$SYNCBN_SHM``
+    (``SYNCBN_SHM=0`` turns it off from the start). Channels already built stay cached and are
+    used again if it is turned back on.
     """
-    global _shm
-    _shm = bool(flag)
+    _config.set_switch(_config.SHM, flag)
 
 
 def shared_memory_enabled() -> bool:
-    """Whether the shared-memory all_reduce is on (:func:`set_shared_memory`, ``$SYNCBN_SHM``)."""
-    return _shm
+    """Whether the shared-memory transport is on (:func:`set_shared_memory`, ``$SYNCBN_SHM``)."""
+    return _config.shared_memory()
 
 
 def _resolve(group: Optional[ProcessGroup]) -> Optional[ProcessGroup]:
@@ -192,19 +230,8 @@ def _resolve(group: Optional[ProcessGroup]) -> Optional[ProcessGroup]:
     return group if group is not None else dist.GroupMember.WORLD
 
 
-def _group_key(group: Optional[ProcessGroup]) -> int:
-    return id(_resolve(group))
-
-
-def _is_live(pg: ProcessGroup) -> bool:
-    try:  # private registry; if it moves, trust the weak reference alone
-        return pg in dist.distributed_c10d._world.pg_map
-    except Exception:  # pragma: no cover - other torch versions
-        return True
-
-
 def _drop_channel(group: Optional[ProcessGroup]) -> None:
-    _channels.pop(_group_key(group), None)
+    _channels.pop(id(_resolve(group)), None)
 
 
 def _drop_channels() -> None:
@@ -238,7 +265,9 @@ def _shm_channel(
     Sizes are not an input: the channel checks them from what every rank published, and
     ``grow`` (the channel every rank found too small for this same size) asks for a larger one.
     """
-    if not _shm or tensor.dtype != torch.float64 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+    if tensor.dtype != torch.float64 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    if not _config.shared_memory():
         return None
     pg = _resolve(group)
     if pg is None:
@@ -246,20 +275,21 @@ def _shm_channel(
     key = id(pg)
     entry = _channels.get(key)
     if entry is not None and entry[0]() is pg and grow is None:
-        if entry[1] is None or _is_live(pg):
+        if entry[1] is None or _compat.group_is_live(pg):
             return entry[1]
     # A new group (or a destroyed one: then torch.distributed raises below, as without syncbn).
     for k, (ref, _) in list(_channels.items()):
-        if ref() is None or not _is_live(ref()):
+        alive = ref()
+        if alive is None or not _compat.group_is_live(alive):
             del _channels[k]
-    if not _is_live(pg):
+    if not _compat.group_is_live(pg):
         return None
     ref = weakref.ref(pg, lambda r, key=key: _forget(key, r))
     if not _has_cpu_backend(pg):
         # NCCL-only (or CUDA-only Gloo) groups: their collectives cannot even set the channel up.
         _channels[key] = (ref, None)
         return None
-    capacity = _MIN_CAPACITY if grow is None else 2 * grow.capacity
+    capacity = _MIN_CAPACITY if grow is None else max(2 * grow.capacity, tensor.numel())
     channel = ShmChannel.create(pg, capacity, tensor.numel())
     _channels[key] = (ref, channel)
     return channel
@@ -271,6 +301,10 @@ def new_sync_groups(group_size: int) -> ProcessGroup:
     Every rank must call it (``new_group`` is itself a collective over the default group), with
     the same ``group_size``. Ranks ``[0, group_size)`` form the first group, and so on: with
     ``group_size`` equal to the number of processes per node, statistics sync within each node.
+
+    Raises:
+        RuntimeError: no default process group is initialized.
+        ValueError: ``group_size`` is not a positive divisor of the world size.
 
     Example::
 
@@ -298,146 +332,3 @@ def new_sync_groups(group_size: int) -> ProcessGroup:
             mine = group
     assert mine is not None
     return mine
-
-
-# ---------------------------------------------------------------------------------------------
-# Consistency mode: before each synchronized call, check that every rank is at the same layer.
-
-_ENV_DEBUG = "SYNCBN_DEBUG"
-
-
-def _env_debug() -> bool:
-    return os.environ.get(_ENV_DEBUG, "0").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-# Read once (here, and on set_debug(None)) so that the check costs one global lookup when off.
-_debug = _env_debug()
-
-
-def set_debug(flag: Optional[bool]) -> None:
-    """Turn consistency mode on or off for this process; None goes back to ``$SYNCBN_DEBUG``.
-
-    In consistency mode every synchronized call first runs :func:`check_consistency`: one small
-    all_gather that verifies every rank of the group is in the same layer, at the same call, with
-    the same channel count and dtype, and raises ``ValueError`` on every rank otherwise, where
-    the mismatched stats all_reduce would abort Gloo ("Received data size doesn't match expected
-    size") or hang. Every rank of a group must use the same setting (it adds a collective). Off
-    by default; ``SYNCBN_DEBUG=1`` in the environment turns it on.
-    """
-    global _debug
-    _debug = _env_debug() if flag is None else bool(flag)
-
-
-def debug_enabled() -> bool:
-    """Whether consistency mode is on (:func:`set_debug`, or ``SYNCBN_DEBUG=1``)."""
-    return _debug
-
-
-# Per-layer call counters, keyed by the id of a tensor the layer owns (its running_mean or
-# weight) and dropped when that tensor dies, so a reused id never inherits a stale count.
-_calls: dict[int, int] = {}
-_name_calls: dict[str, int] = {}
-# float dtypes first; anything else is reported by its position in this tuple or as -1.
-_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.complex64,
-    torch.complex128,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-)
-_NAME_BYTES = 64
-_HEAD = 5  # call, name hash, channels, dtype code, name length
-
-
-def _next_call(name: str, key: Optional[Tensor]) -> int:
-    if key is None:
-        n = _name_calls[name] = _name_calls.get(name, 0) + 1
-        return n
-    k = id(key)
-    n = _calls.get(k)
-    if n is None:
-        weakref.finalize(key, _calls.pop, k, None)
-        n = 0
-    _calls[k] = n + 1
-    return n + 1
-
-
-def _encode(name: str, call: int, channels: int, dtype: torch.dtype, device: Any) -> Tensor:
-    raw = name.encode("utf-8")
-    code = _DTYPES.index(dtype) if dtype in _DTYPES else -1
-    head = [call, zlib.crc32(raw), channels, code, min(len(raw), _NAME_BYTES)]
-    body = list(raw[:_NAME_BYTES]) + [0] * (_NAME_BYTES - min(len(raw), _NAME_BYTES))
-    return torch.tensor(head + body, dtype=torch.int64, device=device)
-
-
-def _decode(t: Tensor) -> tuple[str, int, int, int, str]:
-    v = t.tolist()
-    call, name_hash, channels, code, n = v[:_HEAD]
-    name = bytes(v[_HEAD : _HEAD + n]).decode("utf-8", errors="replace")
-    dtype = str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "an unlisted dtype"
-    return name, name_hash, call, channels, dtype
-
-
-def _group_ranks(group: Optional[ProcessGroup], n: int) -> list[int]:
-    try:
-        return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    except Exception:  # pragma: no cover - very old torch: fall back to group-local ranks
-        return list(range(n))
-
-
-def check_consistency(
-    name: str, x: Tensor, group: Optional[ProcessGroup] = None, key: Optional[Tensor] = None
-) -> None:
-    """Verify, in one all_gather of ``5 + 64`` int64 values, that all ranks agree on this call.
-
-    Every rank sends its layer name (hash and first 64 bytes), how many times this layer has been
-    called on this rank (counted per ``key``, a tensor the layer owns, or per ``name`` when None),
-    the channel count ``x.shape[1]`` and ``x.dtype``. The message is the same fixed size on every
-    rank, so even mismatched ranks complete it; if any value differs, every rank raises the same
-    ``ValueError`` listing each rank's values. Must be called by every rank of ``group`` before
-    the collective it protects.
-    """
-    call = _next_call(name, key)
-    mine = _encode(name, call, x.shape[1] if x.dim() > 1 else -1, x.dtype, x.device)
-    world = group_size(group)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    try:
-        dist.all_gather(gathered, mine, group=group)
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"syncbn: the consistency check of {name} (call {call}) could not all_gather over the "
-            f"{dist.get_backend(group)!r} group: {err}. If a peer rank crashed, stopped or called a "
-            "different number of synchronized layers, look at its log; if the backend refused the "
-            f"{mine.device} tensor, use a backend that supports the input's device."
-        ) from err
-    # (call, name hash, channels, dtype code) per rank.
-    keys = [t[:4].tolist() for t in gathered]
-    if all(k == keys[0] for k in keys):
-        return
-    ranks = _group_ranks(group, world)
-    rows = []
-    for rank, t in zip(ranks, gathered):
-        r_name, _, r_call, r_channels, r_dtype = _decode(t)
-        rows.append(f"  rank {rank}: {r_name} call {r_call}, {r_channels} channels, {r_dtype}")
-    what = [
-        label
-        for label, i in (("layer", 1), ("call count", 0), ("channel count", 2), ("dtype", 3))
-        if any(k[i] != keys[0][i] for k in keys)
-    ]
-    me = dist.get_rank()
-    raise ValueError(
-        f"syncbn consistency check failed on rank {me} in {name} (call {call}): expected every rank "
-        f"of the group to be in the same synchronized layer, at the same call, with the same "
-        f"channel count and dtype; got different {', '.join(what)}:\n"
-        + "\n".join(rows)
-        + "\nMake every rank run the same "
-        "synchronized layers in the same order (no rank-dependent branches or early exits around "
-        "them) with inputs of the same channel count and dtype."
-    )

@@ -27,6 +27,7 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from . import _config
 from .comm import _drop_channels
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "launcher_env", "env_timeout"]
@@ -112,28 +113,12 @@ def launcher_env(env: Optional[Mapping[str, str]] = None) -> Optional[tuple[int,
     return rank, world_size, local_rank
 
 
-_ENV_TIMEOUT = "SYNCBN_TIMEOUT"
-
-
 def env_timeout(env: Optional[Mapping[str, str]] = None) -> Optional[datetime.timedelta]:
     """The collective timeout from ``$SYNCBN_TIMEOUT`` (seconds, e.g. ``60`` or ``2.5``); None when unset.
 
     Raises ``ValueError`` naming the variable when it is not a positive number.
     """
-    env = os.environ if env is None else env
-    raw = env.get(_ENV_TIMEOUT, "").strip()
-    if not raw:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(
-            f"init_distributed: expected {_ENV_TIMEOUT} to be a positive number of seconds (e.g. 60), "
-            f"got {raw!r}; fix or unset it"
-        )
-    return datetime.timedelta(seconds=seconds)
+    return _config.timeout(env, caller="init_distributed")
 
 
 def _pick_device(local_rank: int, device: Optional[torch.device | str]) -> torch.device:

@@ -1,29 +1,42 @@
-"""Pure per-channel batch-normalization math.
+"""Pure per-channel batch-normalization math: local statistics, the group merge, normalize, running averages.
 
-Nothing here talks to other processes: the layers ask these functions for local statistics,
-hand the packed vector to :mod:`syncbn.comm`, and come back here to turn the group's sums into
-mean and variance, to normalize and to update running averages.
+Nothing here talks to other processes. A synchronized layer asks :func:`local_row` for its rank's
+statistics, hands the row to :func:`syncbn.comm.all_gather`, and turns every rank's rows into the
+group's mean and variance with :func:`merge_rows`; the CUDA kernels live in :mod:`syncbn._kernels`.
 
-Conventions: ``x`` has shape ``(N, C, *)``; per-channel vectors have shape ``(C,)``.
+Conventions: ``x`` has shape ``(N, C, *)``; per-channel vectors have shape ``(C,)``; a ``mask``
+is a bool tensor of shape ``(N, *x.shape[2:])``, True where a position holds data.
+
+Accuracy of the merge. Each rank sends its channels' mean as an unevaluated float64 sum
+``hi + lo`` (``lo`` is a correction computed only when the mean is large against the spread, see
+:func:`local_row`), its biased variance and its count. :func:`merge_rows` combines them in float64
+in rank order, around a reference every rank shares (the first non-empty rank's ``hi``):
+``M2 = sum_i n_i var_i + sum_i n_i (d_i - m)^2`` with ``d_i = (hi_i - K) + lo_i``, the
+parallel-variance formula of Chan, Golub and LeVeque (1979), which never subtracts large sums of
+squares. So the group's variance keeps the accuracy of each rank's own two-pass variance at any
+``|mean| / std`` (no ``E[x^2] - E[x]^2`` cancellation) and over the whole float64 range (no squares
+of means), and every rank computes bit-identical results from the same rows.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
+from . import _compat, _kernels
 from ._compat import is_compiling
 
 __all__ = [
     "stat_dtype",
     "channel_view",
-    "uses_fused_kernels",
-    "fused_layout",
-    "local_stats",
-    "pack_stats",
-    "unpack_stats",
+    "reduce_dims",
+    "check_mask",
+    "row_size",
+    "local_row",
+    "GroupStats",
+    "merge_rows",
     "exponential_average_factor",
     "update_running_stats",
     "normalize",
@@ -32,25 +45,13 @@ __all__ = [
     "fold_affine",
     "grad_sums",
     "grad_input",
-    "fused_normalize",
-    "fused_grad_sums",
-    "fused_grad_input",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-# Two implementations of the same math sit side by side:
-# - the *fused* path calls exactly the kernels torch's own nn.SyncBatchNorm calls (and CI-tests) on
-#   CUDA: batch_norm_update_stats, batch_norm_elemt, batch_norm_backward_reduce and
-#   batch_norm_backward_elemt. They exist for CUDA only: 3 passes over activation memory forward
-#   (stats, then read and write), 5 backward (reduce dy and x, then read dy and x, write dx).
-# - the *composed* path everywhere else (CPU, and devices without those kernels) uses only the
-#   training-mode statistics and backward and the eval-mode batch_norm, whose contracts every
-#   device implements because plain nn.BatchNorm needs them.
-_FUSED_DEVICE_TYPES = ("cuda",)
-# Where the fused kernels come from. Only tests replace it (with CPU emulations of the CUDA
-# kernels, to check how this module calls them on machines without a GPU).
-_kernels: object = torch
+# A rank refines its channels' means (one more pass over its batch) when some channel's
+# |mean| exceeds this many standard deviations: below it, rounding the mean to its dtype costs the
+# group's variance less than a few units in the last place (see local_row).
+_REFINE_RATIO = 4.0
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,99 +64,182 @@ def channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.reshape((-1,) + (1,) * (ndim - 2))
 
 
-def uses_fused_kernels(x: Tensor) -> bool:
-    """Whether ``x`` goes through torch's fused SyncBatchNorm kernels (CUDA) or the composed path."""
-    return x.device.type in _FUSED_DEVICE_TYPES
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dim of ``x`` but the channel dim 1."""
+    return [0] + list(range(2, x.dim()))
 
 
-def fused_layout(t: Tensor, like: Optional[Tensor] = None) -> Tensor:
-    """``t`` in a layout the fused kernels take: contiguous, channels_last or channels_last_3d.
+def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
+    """Raise ``ValueError`` unless ``mask`` is a bool tensor of shape ``(N, *x.shape[2:])`` on ``x``'s device."""
+    want = (x.shape[0],) + tuple(x.shape[2:])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != want:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{name}: expected mask to be a bool tensor of shape {want} (input shape {tuple(x.shape)} "
+            f"without the channel dim), True where a position holds data; got {got}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{name}: expected mask on {x.device} like the input, got {mask.device}")
 
-    With ``like``, in ``like``'s layout (the backward kernels want ``dy`` laid out as ``x``). A
-    tensor already in such a layout is returned as is (no copy).
+
+def row_size(channels: int) -> int:
+    """Length of one rank's statistics row: ``[hi (C), lo (C), var (C), count, needs_grad]``."""
+    return 3 * channels + 2
+
+
+def _expand_mask(mask: Tensor, ndim: int) -> Tensor:
+    return mask.unsqueeze(1) if ndim > 1 else mask
+
+
+def _kernel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of a non-empty ``x`` from torch's CPU batch-norm statistics kernel.
+
+    One pass over ``x`` accumulated in double (two-pass variance). Half inputs get float32
+    statistics (scratch float32 buffers with momentum 0 make the kernel return that dtype).
     """
-    ref = t if like is None else like
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        if ref.dim() == (4 if fmt is torch.channels_last else 5) and ref.is_contiguous(memory_format=fmt):
-            if like is None or t.is_contiguous(memory_format=fmt):
-                return t
-            return t.contiguous(memory_format=fmt)
-    return t.contiguous()
+    if x.dtype in _HALF:
+        c = x.shape[1]
+        scratch_mean = torch.zeros(c, dtype=torch.float32, device=x.device)
+        scratch_var = torch.ones(c, dtype=torch.float32, device=x.device)
+        return torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
-def local_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Per-channel mean and biased variance of ``x`` over every dim but 1, and the count.
+def _mean_correction(x: Tensor, mean: Tensor, dims: list[int], mask: Optional[Tensor]) -> Tensor:
+    """``mean(x - mean)`` in float64, for ``mean`` in ``x``'s dtype: what rounding the mean to it lost.
 
-    Uses torch's batch-norm statistics kernel: one pass over ``x``, accumulated in double on CPU,
-    Welford in float32 (float64 for float64 input) on CUDA. Half inputs give float32 statistics.
-    An empty ``x`` gives zeros and a count of 0. The results carry no autograd history: the
-    layers' backward accounts for them in closed form.
+    ``x - mean`` is exact where ``x`` lies within a factor 2 of ``mean`` (Sterbenz), which is the
+    case this is called for (``|mean|`` many standard deviations away from 0), so the correction is
+    accurate to the dtype's epsilon times the spread instead of times the mean.
+    """
+    diff = x - channel_view(mean, x.dim())
+    if mask is not None:
+        diff = torch.where(_expand_mask(mask, x.dim()), diff, 0)
+    n = x.numel() // x.shape[1] if mask is None else mask.sum()
+    return diff.sum(dims, dtype=torch.float64) / n
+
+
+def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
+    c = x.shape[1]
+    dims = reduce_dims(x)
+    row = torch.zeros(row_size(c), dtype=torch.float64, device=x.device)
+    row[-1] = needs_grad
+    if mask is not None:
+        m = _expand_mask(mask, x.dim())
+        count = mask.sum(dtype=torch.float64)  # a tensor: no host read
+        row[3 * c] = count
+        n = count.clamp(min=1.0)
+        xs = x.to(stat_dtype(x.dtype))
+        mean = torch.where(m, xs, 0).sum(dims, dtype=torch.float64) / n
+        dev = torch.where(m, xs - channel_view(mean.to(xs.dtype), x.dim()), 0)
+        var = (dev * dev).sum(dims, dtype=torch.float64) / n
+    else:
+        count = x.numel() // c if c else 0
+        row[3 * c] = count
+        if count == 0:
+            return row
+        if _kernels.uses_fused_kernels(x):
+            mean, var = _kernels.local_stats(x)
+        else:
+            mean, var = _kernel_stats(x)
+    row[:c] = mean
+    row[2 * c : 3 * c] = var
+    # Refine the mean where rounding it would show in the group's variance. CPU only (free host
+    # read); half inputs are quantized coarser than their float32 mean is rounded.
+    if x.device.type == "cpu" and x.dtype not in _HALF and c and x.numel():
+        if bool((mean.double().square() > _REFINE_RATIO**2 * var.double()).any()):
+            hi = mean.to(x.dtype)
+            row[:c] = hi
+            row[c : 2 * c] = _mean_correction(x, hi, dims, mask)
+    return row
+
+
+if _compat.HAS_CUSTOM_OP:
+
+    @torch.library.custom_op("syncbn::local_row", mutates_args=())
+    def _local_row_op(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
+        return _local_row_impl(x, mask, needs_grad)
+
+    @_local_row_op.register_fake
+    def _(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
+        return x.new_empty(row_size(x.shape[1]), dtype=torch.float64)
+
+
+def local_row(x: Tensor, mask: Optional[Tensor] = None, needs_grad: bool = False) -> Tensor:
+    """This rank's statistics row: float64 ``[hi (C), lo (C), var (C), count, needs_grad]``.
+
+    ``hi + lo`` is each channel's mean over the batch (over the positions where ``mask`` is True),
+    ``var`` its biased variance (two-pass, accumulated in double), ``count`` the number of values
+    per channel and ``needs_grad`` 1.0 when this rank's input needs a gradient. ``hi`` comes from
+    torch's statistics kernel in the statistics dtype; where some channel's ``|mean|`` exceeds 4
+    standard deviations, ``lo`` holds the float64 correction ``mean(x - hi)`` (one more pass over
+    the batch), else 0. An empty batch (or mask) gives zeros. No autograd history. Under
+    ``torch.compile`` this is one opaque operator with a fake implementation, so batch sizes may
+    change between steps without breaking the graph.
     """
     x = x.detach()
-    c = x.shape[1]
-    count = x.numel() // c if c else 0
-    dtype = stat_dtype(x.dtype)
-    if count == 0:
-        zeros = torch.zeros(2, c, dtype=dtype, device=x.device)
-        return zeros[0], zeros[1], 0
-    if uses_fused_kernels(x):
-        # The CUDA kernel returns float32 statistics for half inputs by itself (no scratch buffers).
-        mean, var = _kernels.batch_norm_update_stats(x, None, None, 0.0)
-    elif x.dtype in _HALF:
-        # The kernel returns statistics in the dtype of the running buffers it is given; scratch
-        # float32 buffers (momentum 0) make it return float32 and leave the module's buffers alone.
-        scratch_mean = torch.zeros(c, dtype=dtype, device=x.device)
-        scratch_var = torch.ones(c, dtype=dtype, device=x.device)
-        mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
-    else:
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-    return mean, var, count
+    if is_compiling() and _compat.HAS_CUSTOM_OP:
+        return _local_row_op(x, mask, float(needs_grad))
+    return _local_row_impl(x, mask, float(needs_grad))
 
 
-def pack_stats(mean: Tensor, var: Tensor, count: Union[int, Tensor]) -> Tensor:
-    """Pack local statistics as float64 ``[sum (C), sum of squares (C), count (1)]``.
+class GroupStats(NamedTuple):
+    """The group's statistics, identical on every rank (all float64).
 
-    Sums of values and of squares add across ranks, so one all_reduce of this vector gives the
-    group's sums. The float64 merge itself adds a relative error of ~1e-16 * (mean/std)**2 to the
-    variance; what limits float32 and half inputs is that each rank's mean arrives rounded to
-    float32 (see the README's guarantees for measured errors). float64 sums of squares overflow
-    for values beyond about 1e150. ``count`` may be a 0-dim tensor (no host read).
+    Attributes:
+        mean: ``(C,)`` mean over every rank's values.
+        var: ``(C,)`` biased variance.
+        count: 0-dim total count per channel (exact below 2**53).
+        counts: ``(W,)`` each rank's count, in group-rank order.
+        any_grad: 0-dim, 1.0 when some rank's input needs a gradient.
     """
-    c = mean.numel()
-    packed = torch.cat([mean, var, mean.new_ones(1)]).to(torch.float64)
-    m = packed[:c]
-    packed[c : 2 * c].addcmul_(m, m)  # n * (var + mean^2) = sum of squares
-    return packed.mul_(count)
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+    counts: Tensor
+    any_grad: Tensor
 
 
-def unpack_stats(packed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance (in ``dtype``) and total count from a (reduced) packed vector.
+def merge_rows(rows: Tensor) -> GroupStats:
+    """Merge every rank's :func:`local_row` (``(W, 3C + 2)``, group-rank order) into the group's statistics.
 
-    Works in place on ``packed``. The count comes back as a 0-dim float64 tensor (exact for any
-    count below 2**53), so nothing is read on the host. The variance is clamped at 0: rounding can
-    never make it negative. A count of 0 gives zeros.
+    Chan, Golub and LeVeque's pairwise update in closed form, around the shared reference
+    ``K`` (the first non-empty rank's ``hi``): ``d_i = (hi_i - K) + lo_i``, ``m = sum n_i d_i / M``,
+    ``mean = K + m``, ``var = (sum n_i var_i + sum n_i (d_i - m)^2) / M``. Empty ranks weigh
+    nothing; an empty group gives zeros. No host read.
     """
-    c = (packed.numel() - 1) // 2
-    count = packed[-1]
-    # Dividing by at least 1 leaves the all-zero sums of an empty group at zero.
-    moments = packed[: 2 * c].div_(count.clamp(min=1.0))
-    mean = moments[:c]
-    moments[c:].addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)
-    out = moments.to(dtype)
-    return out[:c], out[c:], count
+    c = (rows.shape[1] - 2) // 3
+    hi, lo, var = rows[:, :c], rows[:, c : 2 * c], rows[:, 2 * c : 3 * c]
+    counts = rows[:, 3 * c]
+    any_grad = (rows[:, 3 * c + 1] > 0).any().to(torch.float64)
+    nonempty = counts > 0
+    present = nonempty.unsqueeze(1)
+    total = counts.sum()
+    n = counts.unsqueeze(1)
+    # The first non-empty rank's hi, selected without indexing by a value (compile-friendly) and
+    # without multiplying other rows by 0 (a non-finite row would give NaN).
+    first = (nonempty & (nonempty.cumsum(0) == 1)).unsqueeze(1)
+    ref = torch.where(first, hi, 0).sum(0)
+    d = torch.where(present, (hi - ref) + lo, 0)
+    m = (n * d).sum(0) / total.clamp(min=1.0)
+    spread = torch.where(present, n * (var + (d - m).square()), 0).sum(0)
+    return GroupStats(ref + m, spread / total.clamp(min=1.0), total, counts, any_grad)
 
 
 def exponential_average_factor(
-    momentum: Optional[float], num_batches_tracked: Tensor, debias: bool = False
+    momentum: Optional[float], num_batches_tracked: Optional[Tensor], debias: bool = False
 ) -> Union[float, Tensor]:
     """The running-average weight of this step, given the already incremented step counter.
 
-    ``momentum=None`` gives the cumulative average ``1 / t`` as torch does. With ``debias`` the
-    rate is ``m / (1 - (1 - m)**t)``, which makes the buffers equal the bias-corrected average
-    ``r_t / (1 - (1 - m)**t)`` of a zero-initialised EMA ``r_t``. Those two come back as 0-dim
-    float64 tensors computed on the counter's device (no host read; the same float64 arithmetic
-    as on the host); a fixed momentum comes back as the float itself.
+    ``momentum=None`` gives the cumulative average ``1 / t`` as torch does (0 without a counter,
+    as torch's layers use then). With ``debias`` the rate is ``m / (1 - (1 - m)**t)``, which makes
+    the buffers equal the bias-corrected average ``r_t / (1 - (1 - m)**t)`` of a zero-initialised
+    EMA ``r_t``. Those come back as 0-dim float64 tensors on the counter's device (no host read; the
+    same float64 arithmetic as on the host); a fixed momentum comes back as the float itself.
     """
+    if num_batches_tracked is None:
+        return 0.0 if momentum is None else momentum
     if momentum is not None and not debias:
         return momentum
     t = num_batches_tracked.to(torch.float64)
@@ -198,13 +282,18 @@ def normalize(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     eps: float,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's fused kernel.
 
-    Output has the dtype and memory format of ``x``. Differentiable in ``x``, ``weight`` and
-    ``bias`` with ``mean`` and ``var`` held constant (the eval-mode gradient).
+    Output has the dtype and memory format of ``x``; with ``mask``, 0 where the mask is False.
+    Differentiable in ``x``, ``weight`` and ``bias`` with ``mean`` and ``var`` held constant (the
+    eval-mode gradient).
     """
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    if mask is not None:
+        out = torch.where(_expand_mask(mask, x.dim()), out, 0)
+    return out
 
 
 def renorm_factors(
@@ -238,7 +327,7 @@ def renorm_factors(
     return r.clamp_(1.0 / r_max, r_max), d.clamp_(-d_max, d_max)
 
 
-if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+if _compat.HAS_CUSTOM_OP:
 
     @torch.library.custom_op("syncbn::snapshot", mutates_args=())
     def _snapshot_op(t: Tensor) -> Tensor:
@@ -258,8 +347,8 @@ def snapshot(t: Tensor) -> Tensor:
     and the schedule's limits, would be wrong in the gradient. A custom
     operator is never recomputed, so its output is saved. Eagerly it is ``t`` itself.
     """
-    if is_compiling() and hasattr(torch.ops.syncbn, "snapshot"):
-        return torch.ops.syncbn.snapshot(t)
+    if is_compiling() and _compat.HAS_CUSTOM_OP:
+        return _snapshot_op(t)
     return t.detach()
 
 
@@ -288,14 +377,14 @@ def fold_affine(
     return scale, shift
 
 
-def _empty_sums(grad_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def empty_sums(grad_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Zero gradient sums for an empty batch, computed *from* ``grad_out``.
 
     Under torch.compile the backward's all_reduce must stay in the backward graph: sums that did not
     depend on the incoming gradient would let the graph partitioner run that collective during
     the forward on this rank alone, while its peers wait in their backward.
     """
-    zeros = grad_out.sum([0] + list(range(2, grad_out.dim()))).to(dtype)
+    zeros = grad_out.sum(reduce_dims(grad_out)).to(dtype)
     return zeros, zeros.clone()
 
 
@@ -304,10 +393,11 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tupl
 
     One fused pass: torch's training-mode batch-norm backward given the batch's ``mean`` and
     ``invstd`` (the contract autograd uses for ``F.batch_norm`` on every device), whose grad_bias and
-    grad_weight are exactly these sums. An empty batch gives zeros.
+    grad_weight are exactly these sums. An empty batch gives zeros. For a masked batch, pass
+    ``grad_out`` zero at padded positions and ``x`` equal to ``mean`` there.
     """
     if x.numel() == 0:
-        return _empty_sums(grad_out, mean.dtype)
+        return empty_sums(grad_out, mean.dtype)
     _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
         grad_out, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
     )
@@ -337,52 +427,3 @@ def grad_input(
     neg_a = a.neg()
     out = torch.batch_norm(x, neg_a * mean_dy_xhat, neg_a * mean_dy, mean, var, False, 0.0, eps, False)
     return out.addcmul_(grad_out, channel_view(a, x.dim()))
-
-
-def fused_normalize(x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``(x - mean) * invstd * scale + shift`` with torch's ``batch_norm_elemt`` kernel (CUDA).
-
-    ``x`` in a :func:`fused_layout`; ``mean``, ``invstd``, ``scale`` and ``shift`` in the statistics
-    dtype (:func:`fold_affine` with ``like``). One read and one write of ``x``'s memory.
-    """
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    return _kernels.batch_norm_elemt(x, scale, shift, mean, invstd, 0.0)
-
-
-def fused_grad_sums(
-    grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` with ``batch_norm_backward_reduce`` (CUDA).
-
-    One read of ``dy`` and ``x``. The kernel is asked for its input-gradient sums only (the weight
-    gradients follow from them in closed form), so it never needs an affine weight; ``scale`` only
-    tells it the parameter dtype. An empty batch gives zeros.
-    """
-    if x.numel() == 0:
-        return _empty_sums(grad_out, mean.dtype)
-    sum_dy, sum_dy_xmu, _, _ = _kernels.batch_norm_backward_reduce(
-        grad_out, x, mean, invstd, scale, True, False, False
-    )
-    return sum_dy, sum_dy_xmu
-
-
-def fused_grad_input(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    scale: Tensor,
-    sum_dy: Tensor,
-    sum_dy_xmu: Tensor,
-    count: Tensor,
-) -> Tensor:
-    """Training-mode input gradient with ``batch_norm_backward_elemt`` (CUDA).
-
-    ``dx = scale * invstd * (dy - sum_dy / M - (x - mean) * invstd**2 * sum_dy_xmu / M)`` where the
-    sums are the group's and ``M`` is the sum of ``count`` (an int32 tensor on ``x``'s device, so
-    the kernel reads it without a host round trip). One read of ``dy`` and ``x``, one write.
-    """
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    return _kernels.batch_norm_backward_elemt(grad_out, x, mean, invstd, scale, sum_dy, sum_dy_xmu, count)

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from . import comm
-from .batchnorm import _check_options
+from ._forward import check_options
 from .convert import convert_sync_bn, revert_sync_bn
 
 __all__ = ["SyncBatchNormPlugin"]
@@ -76,7 +76,7 @@ class SyncBatchNormPlugin(*_layer_sync_bases()):  # type: ignore[misc]
         renorm: Union[bool, Mapping[str, Any]] = False,
         skip_unknown: bool = False,
     ) -> None:
-        _check_options("syncbn.lightning.SyncBatchNormPlugin", min_count, fallback)
+        check_options("syncbn.lightning.SyncBatchNormPlugin", min_count, fallback)
         self.process_group = process_group
         self.options: dict[str, Any] = {
             "min_count": min_count,

@@ -1,4 +1,4 @@
-"""What to do when the batch is too small: deferred statistics, precise statistics, frozen BN.
+"""What to do when the batch is too small: deferred statistics (gradient accumulation) and precise statistics.
 
 The fallback policies for groups with too few values (``min_count`` and ``fallback``) live in
 :class:`syncbn.SyncBatchNorm` itself, as they decide control flow inside its forward.
@@ -15,32 +15,47 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as BF
-from .batchnorm import SyncBatchNorm, _check_input, _step
+from ._forward import count_step
+from .batchnorm import SyncBatchNorm
 
-__all__ = ["accumulate_bn_stats", "recompute_bn_stats", "FrozenBatchNorm"]
+__all__ = ["accumulate_bn_stats", "recompute_bn_stats"]
 
 
 class _StatsAccumulator:
-    """Exact union of batch statistics: float64 sums of count, count*mean and count*(var + mean^2).
+    """Exact union of batch statistics, merged one batch at a time (Chan, Golub and LeVeque 1979).
 
-    Called as a layer's ``stats_sink`` with the group's ``(mean, biased var, count)``; since those
-    are identical on every rank of the group, so are the sums, and no further communication is
-    needed.
+    Called as a layer's statistics sink with the group's ``(mean, biased var, count)``; since those
+    are identical on every rank of the group, so is the union, and no further communication is
+    needed. Keeps float64 ``(count, mean, M2)`` and adds a batch with
+    ``delta = mean_b - mean``, ``mean += delta * n_b / n``,
+    ``M2 += n_b * var_b + delta**2 * n * n_b / (n + n_b)``: no sums of squares, so no cancellation
+    at any ``|mean| / std``. A count may be a tensor (no host read; 0 for an unusable batch).
     """
 
     def __init__(self) -> None:
-        self.packed: Optional[Tensor] = None
+        self.n: Union[float, Tensor] = 0.0
+        self.mean: Optional[Tensor] = None
+        self.m2: Optional[Tensor] = None
 
     def __call__(self, mean: Tensor, var: Tensor, count: Union[int, Tensor]) -> None:
-        packed = BF.pack_stats(mean, var, count)
-        self.packed = packed if self.packed is None else self.packed + packed
+        mean, var = mean.to(torch.float64), var.to(torch.float64)
+        nb = count.to(torch.float64) if isinstance(count, Tensor) else float(count)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mean * (nb > 0), var * nb
+            return
+        n = self.n + nb
+        safe = n.clamp(min=1.0) if isinstance(n, Tensor) else max(n, 1.0)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (nb / safe)
+        self.m2 = self.m2 + var * nb + delta.square() * (self.n * nb / safe)
+        self.n = n
 
     def result(self) -> tuple[Tensor, Tensor, int]:
         """Mean, biased variance (float64) and count of everything seen; count 0 if nothing."""
-        if self.packed is None:
+        if self.mean is None:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 0
-        mean, var, count = BF.unpack_stats(self.packed.clone(), torch.float64)  # unpack works in place
-        return mean, var, int(count.item())
+        n = int(self.n.item()) if isinstance(self.n, Tensor) else int(self.n)
+        return self.mean, self.m2 / max(n, 1), n
 
 
 def _tracking_layers(module: nn.Module, caller: str) -> list[SyncBatchNorm]:
@@ -54,7 +69,7 @@ def _tracking_layers(module: nn.Module, caller: str) -> list[SyncBatchNorm]:
     for name, m in module.named_modules():
         if isinstance(m, SyncBatchNorm):
             if m.track_running_stats:
-                if m.stats_sink is not None:
+                if m._stats_sink is not None:
                     raise ValueError(
                         f"{caller}: {type(m).__name__} at {name or '<root>'!r} is already collecting "
                         "statistics; expected no nested accumulate_bn_stats / recompute_bn_stats"
@@ -107,18 +122,18 @@ def accumulate_bn_stats(module: nn.Module) -> Iterator[None]:
     layers = _tracking_layers(module, "syncbn.accumulate_bn_stats")
     sinks = [_StatsAccumulator() for _ in layers]
     for layer, sink in zip(layers, sinks):
-        layer.stats_sink = sink
+        layer._stats_sink = sink
     try:
         yield
     finally:
         for layer in layers:
-            layer.stats_sink = None
+            layer._stats_sink = None
     # Reached only when the block did not raise.
     for layer, sink in zip(layers, sinks):
         mean, var, count = sink.result()
         if count < 2:
             continue  # nothing (or nothing usable) seen: no update, as in torch for no forward
-        factor = _step(layer.momentum, layer.num_batches_tracked, layer.debias)
+        factor = count_step(layer.momentum, layer.num_batches_tracked, layer.debias)
         BF.update_running_stats(layer.running_mean, layer.running_var, mean, var, count, factor)
 
 
@@ -174,14 +189,14 @@ def recompute_bn_stats(
     sinks = [_StatsAccumulator() for _ in layers]
     try:
         for layer, sink in zip(layers, sinks):
-            layer.stats_sink = sink
+            layer._stats_sink = sink
         model.train()
         with torch.no_grad():
             for batch in islice(batches, num_batches):
                 _call(model, batch)
     finally:
         for layer in layers:
-            layer.stats_sink = None
+            layer._stats_sink = None
         for m, flag in flags:
             m.training = flag
     with torch.no_grad():
@@ -192,91 +207,3 @@ def recompute_bn_stats(
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var * (count / (count - 1)))
     return model
-
-
-class FrozenBatchNorm(nn.Module):
-    r"""Batch norm with fixed statistics and affine: a per-channel affine map in every mode.
-
-    .. math::
-
-        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
-
-    with ``running_mean`` (mu), ``running_var`` (sigma^2), ``weight`` (gamma) and ``bias`` (beta;
-    absent, i.e. 1 and 0, with ``affine=False``) all buffers: nothing is learnt or updated, training and eval compute the same thing, and it
-    never communicates. Gradients flow to the input only. The output equals a batch norm's eval
-    output with the same values. For fine-tuning with tiny batches and for transfer learning
-    (detectron2's ``FrozenBatchNorm2d``). :func:`syncbn.freeze_bn` builds these from a model's batch
-    norms and :func:`syncbn.unfreeze_bn` turns them back.
-
-    The ``state_dict`` keys are those of ``nn.BatchNorm2d`` (``num_batches_tracked`` included and
-    never changed); a state dict without ``num_batches_tracked`` (torchvision's frozen layers)
-    loads too.
-
-    Args:
-        num_features: ``C``, the number of channels.
-        eps: added to the variance. Default: 1e-5.
-        affine: hold ``weight`` and ``bias`` buffers (as a batch norm with ``affine=True`` has
-            parameters). Default: True.
-        device, dtype: factory kwargs for the buffers.
-        bias: with ``affine=True``, also hold ``bias``; False leaves ``self.bias`` None (no shift),
-            as torch's batch norms' ``bias=False``. Default: True.
-        momentum: accepted (keyword-only) for parity with torch's batch norms and kept as an
-            attribute; a frozen layer never updates, so it has no effect. Default: 0.1.
-        track_running_stats: accepted (keyword-only) for parity; must be True, as the layer
-            normalizes with its running statistics. Default: True.
-
-    Shape:
-        - Input: ``(N, C, *)``; Output: same shape.
-
-    Example::
-
-        >>> frozen = syncbn.FrozenBatchNorm(64)
-        >>> frozen.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
-        <All keys matched successfully>
-        >>> y = frozen(torch.randn(2, 64, 8, 8))
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        bias: bool = True,
-        momentum: Optional[float] = 0.1,
-        track_running_stats: bool = True,
-    ) -> None:
-        super().__init__()
-        if not track_running_stats:
-            raise ValueError(
-                f"FrozenBatchNorm({num_features}): expected track_running_stats=True (a frozen "
-                "batch norm normalizes with its running statistics), got False"
-            )
-        kw = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.register_buffer("weight", torch.ones(num_features, **kw) if affine else None)
-        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine and bias else None)
-        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
-        self.register_buffer("running_var", torch.ones(num_features, **kw))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-
-    def _load_from_state_dict(
-        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, *args: Any
-    ) -> None:
-        key = prefix + "num_batches_tracked"
-        if key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
-
-    def extra_repr(self) -> str:
-        extra = f"{self.num_features}, eps={self.eps}, affine={self.affine}"
-        return extra + (", bias=False" if self.affine and self.bias is None else "")
-
-    def forward(self, input: Tensor) -> Tensor:
-        _check_input(f"FrozenBatchNorm({self.num_features})", input, self.num_features)
-        return BF.normalize(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)

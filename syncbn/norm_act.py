@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import comm
-from .batchnorm import _TORCH_NORM_TAKES_BIAS, SyncBatchNorm, _check_input
-from .micro_batch import FrozenBatchNorm
+from . import _masking, comm
+from ._compat import NORM_TAKES_BIAS
+from .batchnorm import SyncBatchNorm, check_input
+from .frozen import FrozenBatchNorm
 from .renorm import SyncBatchRenorm
 
 __all__ = ["SyncBatchNormAct", "SyncBatchRenormAct", "FrozenBatchNormAct", "BatchNormAct", "GroupNormAct"]
@@ -30,7 +31,8 @@ class _DropAct:
 
     ``drop`` and ``act`` are child modules; one that is absent is the identity (timm's
     ``SyncBatchNormAct`` may lack either), so a converted layer holds exactly the children of its
-    source.
+    source. With a mask (``mask=`` or :func:`syncbn.masked`), padded positions stay 0 after
+    ``act`` too (an activation such as sigmoid would otherwise move them).
     """
 
     def _init_drop_act(self, drop: Optional[nn.Module], act: Optional[nn.Module]) -> None:
@@ -39,13 +41,24 @@ class _DropAct:
         if act is not None:
             self.act = act
 
-    def forward(self, input: Tensor) -> Tensor:
-        out = super().forward(input)  # type: ignore[misc]
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        norm = super().forward  # type: ignore[misc]
+        masked = isinstance(self, (SyncBatchNorm, FrozenBatchNorm))
+        if masked:
+            name = f"{type(self).__name__}({self.num_features})"  # type: ignore[attr-defined]
+            mask = _masking.resolve(name, self, input, mask)
+            out = norm(input, mask)
+        elif mask is not None:
+            raise ValueError(f"{type(self).__name__}: expected no mask (only synchronized and frozen layers take one)")
+        else:
+            out = norm(input)
         modules = self._modules  # type: ignore[attr-defined]
         if modules.get("drop") is not None:
             out = modules["drop"](out)
         if modules.get("act") is not None:
             out = modules["act"](out)
+        if mask is not None:
+            out = torch.where(mask.unsqueeze(1) if out.dim() > 1 else mask, out, 0)
         return out
 
 
@@ -104,7 +117,8 @@ class SyncBatchRenormAct(_DropAct, SyncBatchRenorm):
     ``y = act(drop(SyncBatchRenorm(x)))``.
 
     Args:
-        num_features, eps, momentum, affine, process_group: as :class:`~syncbn.SyncBatchRenorm`.
+        num_features, eps, momentum, affine, track_running_stats, process_group: as
+            :class:`~syncbn.SyncBatchRenorm` (the positional order of :class:`~syncbn.SyncBatchNorm`).
         act, drop: as :class:`SyncBatchNormAct`.
         **kwargs: the keyword options of :class:`~syncbn.SyncBatchRenorm` (``r_max``, ``d_max``,
             ``schedule``, ``min_count``, ``fallback``, ``debias``, ``device``, ``dtype``).
@@ -121,13 +135,14 @@ class SyncBatchRenormAct(_DropAct, SyncBatchRenorm):
         eps: float = 1e-5,
         momentum: Optional[float] = 0.01,
         affine: bool = True,
+        track_running_stats: bool = True,
         process_group: Optional[comm.ProcessGroup] = None,
         *,
         act: Optional[nn.Module] = None,
         drop: Optional[nn.Module] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, process_group, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, **kwargs)
         self._init_drop_act(drop, act)
 
 
@@ -196,35 +211,39 @@ class BatchNormAct(_DropAct, _BatchNorm):
         dtype: Optional[torch.dtype] = None,
         bias: bool = True,
     ) -> None:
-        bias_kwarg = {"bias": bias} if _TORCH_NORM_TAKES_BIAS else {}
+        bias_kwarg = {"bias": bias} if NORM_TAKES_BIAS else {}
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **bias_kwarg
         )
-        if affine and not bias and not _TORCH_NORM_TAKES_BIAS:
+        if affine and not bias and not NORM_TAKES_BIAS:
             self.register_parameter("bias", None)
         self._init_drop_act(drop, act)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _check_input(f"BatchNormAct({self.num_features})", input, self.num_features)
+        check_input(f"BatchNormAct({self.num_features})", input, self.num_features)
 
 
 class GroupNormAct(_DropAct, nn.GroupNorm):
     """``nn.GroupNorm``, then ``drop`` and ``act``: what :func:`syncbn.convert_bn_to_gn` makes of a norm-act layer.
 
+    The argument order is that of timm's ``GroupNormAct`` (channels first), not ``nn.GroupNorm``'s.
+
     Args:
-        num_groups, num_channels, eps, affine, device, dtype: as ``nn.GroupNorm``.
+        num_channels: ``C``, the number of channels.
+        num_groups: groups to normalize over; must divide ``num_channels``. Default: 32.
+        eps, affine, device, dtype: as ``nn.GroupNorm``.
         act, drop: as :class:`SyncBatchNormAct`.
 
     Example::
 
-        >>> layer = syncbn.GroupNormAct(4, 16, act=torch.nn.ReLU())
+        >>> layer = syncbn.GroupNormAct(16, 4, act=torch.nn.ReLU())
         >>> y = layer(torch.randn(1, 16, 8, 8))
     """
 
     def __init__(
         self,
-        num_groups: int,
         num_channels: int,
+        num_groups: int = 32,
         eps: float = 1e-5,
         affine: bool = True,
         *,

@@ -6,7 +6,6 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
-from torch import nn
 
 from . import comm
 from . import functional as BF
@@ -128,9 +127,12 @@ class SyncBatchRenorm(SyncBatchNorm):
             average). The paper uses a small value, as the running statistics enter the training
             output. Default: 0.01.
         affine: learn per-channel ``weight`` (gamma) and ``bias`` (beta). Default: True.
+        track_running_stats: must be True at construction, as ``r`` and ``d`` compare the batch
+            with the running statistics. Switched off on a built layer (fine-tuning), training
+            uses the batch statistics without ``r`` and ``d`` and updates no buffers, as torch's
+            layers do. Default: True.
         process_group: group whose ranks share statistics; None is the default group.
-        track_running_stats: accepted for parity with torch's batch norms; must be True, as
-            ``r`` and ``d`` compare the batch with the running statistics. Default: True.
+        device, dtype: factory kwargs for parameters and buffers.
         bias: with ``affine=True``, also learn ``bias``; False leaves ``self.bias`` None, as
             torch's ``bias=False``. Default: True.
         r_max: final limit of ``r``, at least 1. Default: 3.0.
@@ -139,7 +141,10 @@ class SyncBatchRenorm(SyncBatchNorm):
             that ramps the limits from plain batch norm up to ``r_max``/``d_max``, stepped by
             ``num_batches_tracked``; None applies ``r_max``/``d_max`` from the first step.
         min_count, fallback, debias: as in :class:`SyncBatchNorm`.
-        device, dtype: factory kwargs for parameters and buffers.
+
+    The positional arguments are those of :class:`SyncBatchNorm` and
+    :class:`torch.nn.SyncBatchNorm`; everything from ``bias`` on is keyword-only. ``forward``
+    takes a ``mask`` as :class:`SyncBatchNorm` does.
 
     Shape:
         - Input: ``(N, C, *)`` with at least 2 dims; ``N`` may differ across ranks and be 0.
@@ -163,18 +168,18 @@ class SyncBatchRenorm(SyncBatchNorm):
         eps: float = 1e-5,
         momentum: Optional[float] = 0.01,
         affine: bool = True,
+        track_running_stats: bool = True,
         process_group: Optional[comm.ProcessGroup] = None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
         *,
+        bias: bool = True,
         r_max: float = 3.0,
         d_max: float = 5.0,
         schedule: Optional[RenormSchedule] = None,
         min_count: int = 2,
         fallback: str = "raise",
         debias: bool = False,
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
-        track_running_stats: bool = True,
-        bias: bool = True,
     ) -> None:
         if not track_running_stats:
             raise ValueError(
@@ -189,8 +194,8 @@ class SyncBatchRenorm(SyncBatchNorm):
             affine,
             True,
             process_group,
-            device=device,
-            dtype=dtype,
+            device,
+            dtype,
             bias=bias,
             min_count=min_count,
             fallback=fallback,
@@ -210,20 +215,6 @@ class SyncBatchRenorm(SyncBatchNorm):
         self.d_max = float(d_max)
         self.schedule = schedule
 
-    @classmethod
-    def convert_sync_batchnorm(
-        cls, module: nn.Module, process_group: Optional[comm.ProcessGroup] = None
-    ) -> nn.Module:
-        """:func:`syncbn.convert_sync_bn` with ``renorm=True``: batch norms become :class:`SyncBatchRenorm`.
-
-        Each layer keeps its own momentum and gets the default limits (``r_max=3``, ``d_max=5``,
-        no schedule); for a schedule or other limits call :func:`syncbn.convert_sync_bn` with a
-        ``renorm`` dict.
-        """
-        from .convert import convert_sync_bn  # convert imports this module
-
-        return convert_sync_bn(module, process_group, renorm=True)
-
     def current_limits(self) -> tuple[float, float]:
         """The ``(r_max, d_max)`` the next training step uses, from the schedule and step counter."""
         if self.schedule is None:
@@ -238,7 +229,7 @@ class SyncBatchRenorm(SyncBatchNorm):
         return extra
 
     def _renorm_limits(self) -> Optional[tuple[Union[float, Tensor], Union[float, Tensor]]]:
-        if not self.training:
+        if not (self.training and self.track_running_stats):
             return None
         if isinstance(self.schedule, RenormSchedule):
             # Stepped on the device: no host read of the step counter in a training forward.

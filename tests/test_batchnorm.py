@@ -313,7 +313,8 @@ def test_not_a_torch_syncbatchnorm_subclass():
 
 def test_saved_for_backward_is_input_plus_vectors():
     x = torch.randn(16, 32, 14, 14, requires_grad=True)
-    mean, var, count = BF.local_stats(x.detach())
+    st = BF.merge_rows(BF.local_row(x.detach()).unsqueeze(0))
+    mean, var, count = st.mean.float(), st.var.float(), int(st.count)
     saved = []
 
     def pack(t):
@@ -324,7 +325,7 @@ def test_saved_for_backward_is_input_plus_vectors():
 
     weight = torch.ones(32, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        SyncNormFunction.apply(x, weight, None, mean, var, 1e-5, count, None, False, None, None)
+        SyncNormFunction.apply(x, weight, None, mean, var, 1e-5, count, None, None, False, None, None, None, None)
     nbytes = sum(t.numel() * t.element_size() for t in saved)
     assert nbytes <= 1.05 * x.numel() * x.element_size(), f"saved {nbytes} bytes for a {x.numel() * 4}-byte input"
 
@@ -437,7 +438,7 @@ def test_step_counting_in_group_matches_torch_on_concatenated_batch(kind):
 
 def _torch_bn_without_bias(cls: type, c: int, **kwargs) -> nn.Module:
     """torch's ``cls(c, bias=False)``, built by hand where the installed torch lacks the argument."""
-    from syncbn.batchnorm import _TORCH_NORM_TAKES_BIAS
+    from syncbn._compat import NORM_TAKES_BIAS as _TORCH_NORM_TAKES_BIAS
 
     if _TORCH_NORM_TAKES_BIAS:
         return cls(c, bias=False, **kwargs)
@@ -500,8 +501,8 @@ def test_bias_false_on_torch_without_bias_argument(monkeypatch):
     monkeypatch.setattr(tbn._BatchNorm, "__init__", old_bn_init)
     monkeypatch.setattr(tbn._NormBase, "reset_parameters", old_reset_parameters)
     monkeypatch.setattr(tbn._NormBase, "extra_repr", old_extra_repr)
-    monkeypatch.setattr(sbn, "_TORCH_NORM_TAKES_BIAS", "bias" in inspect.signature(tbn._NormBase.__init__).parameters)
-    assert not sbn._TORCH_NORM_TAKES_BIAS
+    monkeypatch.setattr(sbn, "NORM_TAKES_BIAS", "bias" in inspect.signature(tbn._NormBase.__init__).parameters)
+    assert not sbn.NORM_TAKES_BIAS
     with pytest.raises(TypeError):
         nn.BatchNorm2d(4, bias=False)  # the old torch really refuses it
 
@@ -558,7 +559,7 @@ def test_convert_sync_batchnorm_classmethod():
     assert [type(m) for m in layers] == [syncbn.SyncBatchNorm] * 3
     assert [p for p in converted.parameters()] == params and all(a is b for a, b in zip(converted.parameters(), params))
     assert layers[1].bias is None and layers[1].weight is not None
-    assert [m.layer_path for m in layers] == ["0", "1.0", "2"]
+    assert [m._layer_path for m in layers] == ["0", "1.0", "2"]
     single = syncbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(4))
     assert type(single) is syncbn.SyncBatchNorm
     renorm = syncbn.SyncBatchRenorm.convert_sync_batchnorm(nn.BatchNorm2d(4, momentum=0.05))

@@ -15,7 +15,7 @@ from .harness import run_on_ranks
 
 
 def _channel(group):
-    entry = comm._channels.get(comm._group_key(group))
+    entry = comm._channels.get(id(comm._resolve(group)))
     return None if entry is None else entry[1]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -281,8 +282,8 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _host_reads(rank: int, world_size: int) -> dict[str, int]:
-    """Host reads during a synchronized eager training step (forward and backward), per layer kind."""
+def _host_reads(rank: int, world_size: int) -> dict[str, tuple[int, int]]:
+    """Host reads during synchronized eager training steps, (forward, backward), per layer kind."""
     saved_shm = syncbn.comm.shared_memory_enabled()
     # The shared-memory transport polls its flags on the host by design (inside the collective,
     # like Gloo's own waiting); leave it out to look at the layer's arithmetic alone.
@@ -296,31 +297,146 @@ def _host_reads(rank: int, world_size: int) -> dict[str, int]:
         "raise (default)": syncbn.SyncBatchNorm(3),
     }
     out = {}
+    calls: list[int] = []
+    torch.Tensor.tolist = lambda self: calls.append(1) or real_tolist(self)
     try:
         for name, layer in layers.items():
-            mode = _HostReads()
-            calls = []
-            torch.Tensor.tolist = lambda self: calls.append(1) or real_tolist(self)
+            forward, backward = _HostReads(), _HostReads()
             x = torch.randn(2 + rank, 3, 4, requires_grad=True)
-            with mode:
-                for _ in range(2):
-                    layer(x).sum().backward()
-            torch.Tensor.tolist = real_tolist
-            out[name] = mode.reads + len(calls)
+            reads = [0, 0]
+            for _ in range(2):
+                calls.clear()
+                with forward:
+                    y = layer(x).sum()
+                reads[0] += len(calls)
+                calls.clear()
+                with backward:
+                    y.backward()
+                reads[1] += len(calls)
+            out[name] = (reads[0] + forward.reads, reads[1] + backward.reads)
     finally:
         torch.Tensor.tolist = real_tolist
         syncbn.set_shared_memory(saved_shm)
     return out
 
 
-def test_synchronized_step_reads_nothing_on_the_host():
+def test_eager_step_reads_the_host_once_per_pass():
     for reads in run_on_ranks(2, _host_reads):
-        # Two steps each. fallback="raise" keeps its one eager read per forward: the ValueError names
-        # the count (compiled, it asserts on the device instead).
-        assert reads == {
-            "running-fallback": 0,
-            "momentum-none": 0,
-            "debias": 0,
-            "renorm-schedule": 0,
-            "raise (default)": 2,
-        }, reads
+        # Two steps each. Forward: one read of every rank's count and gradient flag (torch's own
+        # layer reads the counts too), and on CPU one of whether a channel's mean needs refining;
+        # backward: on CPU, one read of how many ranks build a second-order graph (on CUDA only
+        # ranks with create_graph=True read it). CPU reads cost no device synchronization.
+        # Compiled steps read nothing (tested below); nor does CUDA-graph capture (gpu_check).
+        assert all(r == (4, 2) for r in reads.values()), reads
+
+
+def _compiled_host_reads(rank: int, world_size: int) -> list[str]:
+    """Host reads in the compiled forward and backward graphs of a synchronized layer (none allowed)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    _reset()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    reads = []
+    for layer in (syncbn.SyncBatchNorm(3, fallback="running"), syncbn.SyncBatchNorm(3), syncbn.SyncBatchRenorm(3)):
+        graphs.clear()
+        compiled = torch.compile(layer.double(), fullgraph=True, backend=backend)
+        x = torch.randn(2 + rank, 3, 4, dtype=torch.float64, requires_grad=True)
+        compiled(x).sum().backward()
+        assert len(graphs) == 2, f"expected a forward and a backward graph, got {len(graphs)}"
+        for gm in graphs:
+            for node in gm.graph.nodes:
+                target = str(node.target)
+                if "_local_scalar_dense" in target or target.endswith((".item", "tolist")):
+                    reads.append(f"{type(layer).__name__}: {node.format_node()}")
+    return reads
+
+
+def test_compiled_step_reads_nothing_on_the_host():
+    assert run_on_ranks(2, _compiled_host_reads, timeout=300) == [[], []]
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks that compile different graphs: dynamo specializes batch sizes 0 and 1, so a rank with
+# such a batch compiles its own graph. Collectives must still pair in program order.
+
+
+class _TwoBranches(nn.Module):
+    """A ResNet downsample block's shape: two parallel branches of equal width, each with a batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a(x) + 2 * self.b(x))
+
+
+def _branches_vs_one_process(rank: int, world_size: int, steps: list[list[int]], backend: str) -> None:
+    """Compiled on every rank, rank batch sizes per step from ``steps``; reference: torch on the concatenation."""
+    _reset()
+    torch.manual_seed(0)
+    ref = _TwoBranches().double()
+    model = syncbn.convert_sync_bn(copy.deepcopy(ref))
+    compiled = torch.compile(model, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    for step, sizes in enumerate(steps):
+        full = torch.randn(sum(sizes), 3, 5, 5, generator=gen, dtype=torch.float64)
+        grad = torch.randn(sum(sizes), 4, 5, 5, generator=gen, dtype=torch.float64)
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        x = full[lo:hi].clone().requires_grad_()
+        xr = full.clone().requires_grad_()
+        y, yr = compiled(x), ref(xr)
+        assert_close(y, yr[lo:hi], 1e-10, f"step {step} {sizes} output")
+        y.backward(grad[lo:hi])
+        yr.backward(grad)
+        assert_close(x.grad, xr.grad[lo:hi], 1e-10, f"step {step} grad_input")
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            summed = q.grad.detach().clone()
+            torch.distributed.all_reduce(summed)
+            assert_close(summed, p.grad, 1e-10, f"step {step} grad of {name}")
+        for (name, b), c in zip(ref.named_buffers(), model.buffers()):
+            assert_close(c.double(), b.double(), 1e-10, f"step {step} {name}")
+        ref.zero_grad()
+        model.zero_grad()
+
+
+def test_parallel_branches_with_a_one_sample_rank_aot_eager():
+    run_on_ranks(2, _branches_vs_one_process, [[3, 1], [3, 1], [2, 3], [4, 0]], "aot_eager", timeout=300)
+
+
+@pytest.mark.slow
+def test_parallel_branches_with_one_sample_and_empty_ranks_inductor():
+    run_on_ranks(2, _branches_vs_one_process, [[3, 1], [3, 1], [2, 3], [4, 0], [1, 4]], "inductor", timeout=600)
+
+
+def _consistency_compiled(rank: int, world_size: int, mismatch: bool) -> str:
+    _reset()
+    syncbn.set_debug(True)
+    try:
+        torch.manual_seed(0)
+        width = 4 if not (mismatch and rank == 1) else 5
+        model = nn.Sequential(nn.Conv2d(3, width, 1), syncbn.SyncBatchNorm(width)).double()
+        eager = copy.deepcopy(model)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        x = torch.randn(2 + rank, 3, 4, 4, dtype=torch.float64)
+        try:
+            y = compiled(x)
+        except Exception as err:  # torch may wrap what the operator raised
+            return f"{type(err).__name__}: {err}"
+        assert_close(y, eager(x), TOL, "consistency mode compiled == eager")
+        return "ok"
+    finally:
+        syncbn.set_debug(None)
+
+
+def test_consistency_mode_compiled():
+    assert run_on_ranks(2, _consistency_compiled, False) == ["ok", "ok"]
+    for message in run_on_ranks(2, _consistency_compiled, True):
+        assert "consistency check failed" in message and "channel count" in message, message

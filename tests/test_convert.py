@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import syncbn
+import syncbn._rules
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -463,7 +464,7 @@ def _custom_net() -> nn.Module:
 
 @pytest.fixture
 def clean_rules(monkeypatch):
-    monkeypatch.setattr(syncbn.convert, "_USER_RULES", {})
+    monkeypatch.setattr(syncbn._rules, "USER_RULES", {})
 
 
 @pytest.mark.parametrize("convert", ["convert_sync_bn", "freeze_bn", "convert_bn_to_gn"])

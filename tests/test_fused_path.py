@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn
-from syncbn import batchnorm as _bn
+from syncbn import _config
 from syncbn import functional as BF
 
 from . import emulated_kernels
@@ -33,14 +33,15 @@ class _Fused:
         self.always_sync = always_sync
 
     def __enter__(self) -> "_Fused":
-        self.saved = (BF._FUSED_DEVICE_TYPES, BF._kernels, _bn._ALWAYS_SYNC)
-        BF._FUSED_DEVICE_TYPES, BF._kernels = ("cpu",), emulated_kernels
-        _bn._ALWAYS_SYNC = self.always_sync
+        self.ctx = _config.testing(
+            always_sync=self.always_sync, fused_device_types=("cpu",), kernels=emulated_kernels
+        )
+        self.ctx.__enter__()
         emulated_kernels.calls.clear()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        BF._FUSED_DEVICE_TYPES, BF._kernels, _bn._ALWAYS_SYNC = self.saved
+        self.ctx.__exit__(*exc)
 
 
 def _fused(rank: int, world_size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict:

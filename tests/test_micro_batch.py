@@ -245,7 +245,7 @@ def _accumulate(rank, world_size, kind, momentum, debias, micro_sizes, rounds=2)
             assert_close(layer.running_mean, ref_mean[i], TOL, f"round {rnd} layer {i} running_mean")
             assert_close(layer.running_var, ref_var[i], TOL, f"round {rnd} layer {i} running_var")
             assert int(layer.num_batches_tracked) == rnd
-            assert layer.stats_sink is None
+            assert layer._stats_sink is None
 
 
 @pytest.mark.parametrize(
@@ -284,7 +284,7 @@ def test_accumulate_error_paths():
             layer(torch.randn(4, 3))
             raise RuntimeError("boom")
     _assert_state_unchanged(layer, before, "after an exception")
-    assert layer.stats_sink is None
+    assert layer._stats_sink is None
     with syncbn.accumulate_bn_stats(layer):
         with pytest.raises(ValueError, match="already collecting"):
             with syncbn.accumulate_bn_stats(layer):
@@ -375,7 +375,7 @@ def test_recompute_batch_formats_and_errors():
     assert_close(kw.bn.running_var, var, 1e-12, "dict batches")
     with pytest.raises(ValueError, match="expected each batch to be a Tensor"):
         syncbn.recompute_bn_stats(layer, [3.0])
-    assert layer.stats_sink is None and layer.training
+    assert layer._stats_sink is None and layer.training
     with pytest.raises(ValueError, match="num_batches >= 0"):
         syncbn.recompute_bn_stats(layer, xs, num_batches=-1)
     with pytest.raises(ValueError, match="convert_sync_bn"):

@@ -227,26 +227,17 @@ def test_gradcheck_and_gradgradcheck(info, dtype, index, training):
 
 
 @pytest.mark.parametrize("info,dtype,index", _F64_CASES)
-def test_renorm_gradcheck(info, dtype, index):
+def test_renorm_gradcheck_and_gradgradcheck(info, dtype, index):
+    """SyncBatchRenorm's training forward is syncbn's own autograd Function: first and second order."""
     mi = _module_inputs(info, dtype)[index]
     if _renorm_refuses("SyncBatchRenorm", info, mi.constructor_input.args, mi.constructor_input.kwargs):
         return
     _, dut, x = _pair("SyncBatchRenorm", info, dtype, index)
     fn, params = _functional(dut)
-    assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(), *params), fast_mode=True)
-
-
-def test_renorm_training_backward_is_first_order():
-    # A known difference from torch's BatchNorm (listed in the README): SyncBatchRenorm's training
-    # forward is an autograd Function whose backward is @once_differentiable. It must say so, not
-    # give a silent zero. When double backward is added, this test fails: check it with
-    # gradgradcheck above and drop the README's caveat.
-    info = next(i for i in _INFOS if i.module_cls is nn.BatchNorm2d)
-    _, dut, x = _pair("SyncBatchRenorm", info, torch.float64, 0)
-    x = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad((dut(x) ** 2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+    inputs = (x.clone().requires_grad_(), *params)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    if info.supports_gradgrad:
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("kind", _KINDS)
