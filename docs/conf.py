@@ -14,11 +14,13 @@ API page.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any
 
 from sphinx.util import logging
+from sphinx.util.inspect import stringify_signature
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
@@ -51,6 +53,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(torch|typing|collections|datetime|contextlib|dataclasses|enum|abc|os|pathlib)(\..*)?"),
     (r"py:.*", r"(int|float|str|bool|None|object|type|tuple|list|dict|callable|Callable|Any|Optional|Union|Iterator|Iterable|Mapping|Sequence|Tensor|ProcessGroup|timedelta|NoneType|Ellipsis)"),
     (r"py:.*", r"(lightning|pytorch_lightning|timm|torchvision|accelerate)(\..*)?"),
+    (r"py:.*", r"comm\.ProcessGroup"),  # syncbn.comm's alias of torch.distributed.ProcessGroup
 ]
 # TEMPORARY, for the lead to remove once the docstrings in syncbn/ are fixed (reported with issue 19):
 nitpick_ignore = [
@@ -120,13 +123,39 @@ def _check_exports(app: Any, env: Any) -> None:
                              type="syncbn", subtype="exports")
 
 
-def _public_bases(app: Any, name: str, obj: Any, options: Any, bases: list[type]) -> None:
+def _mocked(cls: Any) -> bool:
+    """Whether ``cls`` is (an instance of) a class that autodoc_mock_imports made up, or derives from one."""
+    kind = cls if isinstance(cls, type) else type(cls)
+    return any(k.__name__ == "_MockObject" for k in kind.__mro__)
+
+
+def _public_bases(app: Any, name: str, obj: Any, options: Any, bases: list[Any]) -> None:
     # syncbn's private mixins (norm_act._DropAct) are not part of the API: show the public bases.
-    bases[:] = [b for b in bases if not (b.__module__.startswith("syncbn") and b.__name__.startswith("_"))]
+    # A mocked base (Lightning's LayerSync, when Lightning is not installed) is shown by its full
+    # name, once (the plugin subclasses lightning's and pytorch_lightning's, whichever import).
+    shown: list[Any] = []
+    for base in bases:
+        if _mocked(base):
+            base = f":py:class:`{base.__display_name__}`"
+        elif base.__module__.startswith("syncbn") and base.__name__.startswith("_"):
+            continue
+        if base not in shown:
+            shown.append(base)
+    bases[:] = shown
+
+
+def _mocked_class_signature(app: Any, what: str, name: str, obj: Any, options: Any, signature: Any,
+                            return_annotation: Any) -> Any:
+    # A class built on a mocked base gets the mock's (*args, **kwargs); show its own __init__'s.
+    if what == "class" and _mocked(obj) and "__init__" in vars(obj):
+        params = list(inspect.signature(vars(obj)["__init__"]).parameters.values())[1:]
+        return stringify_signature(inspect.Signature(params), show_return_annotation=False), return_annotation
+    return None
 
 
 def setup(app: Any) -> dict[str, Any]:
     app.connect("autodoc-process-docstring", _missing_docstring)
     app.connect("env-check-consistency", _check_exports)
     app.connect("autodoc-process-bases", _public_bases)
+    app.connect("autodoc-process-signature", _mocked_class_signature)
     return {"parallel_read_safe": True}
