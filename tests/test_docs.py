@@ -189,6 +189,10 @@ def run_block(block: Block, workdir: Path) -> None:
         import torch
         import torch.distributed as dist
 
+        # A block runs as a reader's fresh script would: without a process group.
+        assert not (dist.is_available() and dist.is_initialized()), (
+            f"{block.id}: a process group is already initialized in this process (left by an earlier test)"
+        )
         # Line numbers in tracebacks are the document's.
         code = compile("\n" * (block.line - 1) + block.code, str(block.path), "exec")
         torch.manual_seed(0)
