@@ -44,7 +44,6 @@ exclude_patterns = ["_build", "bench", "**/.ipynb_checkpoints"]
 # The same pages read as plain Markdown on a code host: links between them are "file.md" links,
 # which MyST resolves into the site; headings get anchors for "file.md#section" links.
 myst_heading_anchors = 3
-myst_enable_extensions = ["dollarmath"]
 
 # No intersphinx: the build must work offline. References to torch and the standard library
 # therefore resolve nowhere; nitpicky mode still checks every reference into syncbn itself.
