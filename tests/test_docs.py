@@ -305,3 +305,19 @@ def test_readme_links_resolve() -> None:
         assert path.exists(), f"README.md links to {target}, which does not exist"
         if anchor and path.suffix == ".md":
             assert anchor in _anchors(path), f"README.md links to {target}: no such heading in {file}"
+
+
+# Phrases that narrate the project's history or leave a number without its machine; history goes in
+# CHANGELOG.md, and a number carries its method, machine and date at its table.
+_HISTORY = re.compile(r"earlier versions?|used to |no longer|\((?:before|now)\)|on this machine|\blanded\b", re.I)
+
+
+def test_docs_describe_the_present() -> None:
+    found = []
+    for page in doc_files():
+        if page.name == "changelog.md":
+            continue
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if m := _HISTORY.search(line):
+                found.append(f"{page.relative_to(REPO)}:{number}: {m.group(0)!r}")
+    assert not found, "history or undated wording (move it to CHANGELOG.md or date it at its table):\n" + "\n".join(found)
