@@ -54,15 +54,6 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(lightning|pytorch_lightning|timm|torchvision|accelerate)(\..*)?"),
     (r"py:.*", r"comm\.ProcessGroup"),  # syncbn.comm's alias of torch.distributed.ProcessGroup
 ]
-# TEMPORARY, for the lead to remove once the docstrings in syncbn/ are fixed (reported with issue 19):
-nitpick_ignore = [
-    # SyncBatchNorm.process_group's docstring "The group ... (None: the default group)." is read by
-    # napoleon as "<type>: <description>" because of the colon.
-    ("py:class", "The group whose ranks share statistics"),
-    # set_debug's docstring refers to :func:`check_consistency`, which is not public (syncbn.comm).
-    ("py:func", "check_consistency"),
-]
-
 # Lightning is an optional dependency: the build documents syncbn.lightning without it.
 autodoc_mock_imports = ["lightning", "pytorch_lightning"]
 autodoc_default_options = {

@@ -107,7 +107,7 @@ class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization whose batch statistics span every rank of a process group.
 
     A drop-in for :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` and :class:`torch.nn.SyncBatchNorm`
-    that runs on CPU with Gloo as well as on CUDA (see the README on GPUs). For an input ``x`` of shape
+    that runs on CPU with Gloo as well as on CUDA (see the GPU page of the docs). For an input ``x`` of shape
     ``(N, C, *)`` on each of the ``W`` ranks of the group, in training mode
 
     .. math::
@@ -120,7 +120,7 @@ class SyncBatchNorm(_BatchNorm):
     empty batches are weighted by their counts. The forward makes one all_gather of each rank's
     ``3C + 2`` float64 statistics (mean as a corrected float64 pair, variance, count, whether its
     input needs a gradient), merged by every rank alike with the parallel-variance formula
-    (:func:`syncbn.functional.merge_rows`); the backward one all_reduce of ``2C + 1`` gradient sums,
+    (``syncbn.functional.merge_rows``); the backward one all_reduce of ``2C + 1`` gradient sums,
     skipped on every rank when no rank's input needs a gradient. Running statistics follow torch:
     ``running_var`` stores the unbiased variance ``M / (M - 1) * sigma^2``, ``momentum=None`` is the
     cumulative average, ``num_batches_tracked`` counts steps, and switching
@@ -219,7 +219,7 @@ class SyncBatchNorm(_BatchNorm):
 
     @property
     def process_group(self) -> Optional[comm.ProcessGroup]:
-        """The group whose ranks share statistics (None: the default group)."""
+        """The group whose ranks share statistics; None means the default group."""
         return self._group_ref.value
 
     @process_group.setter
