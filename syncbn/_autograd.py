@@ -104,6 +104,18 @@ class SyncNormFunction(torch.autograd.Function):
             return _first_order(ctx, x, mean, spread, scale, r, d, mask, sums)
 
 
+_flags: dict[tuple[bool, torch.device], Tensor] = {}
+
+
+def _flag(value: bool, device: torch.device) -> Tensor:
+    """A cached float64 ``[1.0]`` or ``[0.0]`` on ``device`` (read only: torch.cat copies it)."""
+    key = (value, device)
+    flag = _flags.get(key)
+    if flag is None:
+        flag = _flags[key] = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    return flag
+
+
 class _Sums(NamedTuple):
     grad_out: Tensor  # zero where padded
     x: Tensor  # the mean where padded
@@ -135,8 +147,7 @@ def _gradient_sums(
     if ctx.sync is False:
         return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, torch.cat([sum_dy, sum_dy_x]))
     # One more value: how many ranks want second-order gradients. They all must, or none.
-    flag = sum_dy.new_full((1,), 1.0 if create_graph else 0.0)
-    local = torch.cat([sum_dy, sum_dy_x, flag]).to(torch.float64)
+    local = torch.cat([sum_dy, sum_dy_x, _flag(create_graph, sum_dy.device)])  # float64 (promoted)
     reduced = comm.all_reduce_sum(local, ctx.group)
     if create_graph or (reduced.device.type == "cpu" and not is_compiling()):
         agree = int(reduced[-1].item())

@@ -49,12 +49,14 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+_symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+
+
 def is_fx_tracing() -> bool:
-    """Whether ``torch.fx.symbolic_trace`` (or a tracer built on it) is tracing right now."""
-    try:
-        return torch.fx._symbolic_trace.is_fx_tracing()
-    except AttributeError:  # pragma: no cover - torch without the flag
-        return False
+    """Whether ``torch.fx.symbolic_trace`` (or a tracer built on it) is tracing right now (not torch.compile)."""
+    if _symbolic is not None:
+        return _symbolic()
+    return torch.fx._symbolic_trace.is_fx_tracing()  # pragma: no cover - older torch
 
 
 _graph_task_id: Optional[Callable[[], int]] = getattr(torch._C, "_current_graph_task_id", None)

@@ -110,7 +110,6 @@ def batch_norm(
         rows = comm.all_gather(row, group)
     else:
         rows = row.unsqueeze(0)
-    st = BF.merge_rows(rows)
     stat = BF.stat_dtype(x.dtype)
     tracks = running_mean is not None
     where = "across the process group" if sync else "in the batch"
@@ -119,7 +118,7 @@ def batch_norm(
         # The one host read of a synchronized forward (torch's own layer has one too): the ranks'
         # counts and whether any rank's input needs a gradient, identical on every rank.
         c = x.shape[1]
-        head = rows[:, 3 * c :].tolist()
+        head = rows[:, 3 * c :].tolist()  # per rank: count, needs_grad, refined
         counts = [int(h[0]) for h in head]
         count = sum(counts)
         _check_count(name, count, min_count, fallback, tracks, where)
@@ -133,11 +132,13 @@ def batch_norm(
                 f"fused CUDA kernels count them in int32), got {max(counts)}; split the batch"
             )
         backward_sync = sync and any(h[1] > 0 for h in head)
+        st = BF.merge_rows(rows, refined=any(h[2] > 0 for h in head))
         mean, var, total = st.mean, st.var, count
     else:
         # Compiled steps and CUDA-graph capture: the count stays a tensor and every decision is
         # tensor arithmetic that every rank computes alike, with no host read.
         # The backward always communicates here (deciding to skip would read a flag on the host).
+        st = BF.merge_rows(rows)
         total = st.count
         mean, var = st.mean, st.var
         usable = total >= min_count

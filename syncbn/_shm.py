@@ -285,9 +285,7 @@ class ShmChannel:
             os.close(fd)
         return path, token, ""
 
-    # Waiting on shared memory is not traceable: under torch.compile it runs inside an opaque
-    # custom operator (comm.py), never traced.
-    @torch.compiler.disable
+    # Never traced: under torch.compile the collectives run inside opaque custom operators (comm.py).
     def all_reduce_(self, tensor: Tensor) -> bool:
         """Sum ``tensor`` (float64, CPU, contiguous) over the group, in place.
 
@@ -301,7 +299,6 @@ class ShmChannel:
         torch.sum(slots, dim=0, out=tensor)
         return True
 
-    @torch.compiler.disable
     def all_gather_(self, tensor: Tensor, out: Tensor) -> bool:
         """Gather ``tensor`` (float64, CPU, contiguous, ``L`` values) of every rank into ``out`` ``(W, L)``.
 

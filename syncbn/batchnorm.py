@@ -118,8 +118,8 @@ class SyncBatchNorm(_BatchNorm):
 
     where ``M`` is the number of values of channel ``c`` on all ranks together, so uneven and
     empty batches are weighted by their counts. The forward makes one all_gather of each rank's
-    ``3C + 2`` float64 statistics (mean as a corrected float64 pair, variance, count, whether its
-    input needs a gradient), merged by every rank alike with the parallel-variance formula
+    ``3C + 3`` float64 statistics (mean as a corrected float64 pair, variance, count, whether its
+    input needs a gradient, whether it corrected its mean), merged by every rank alike with the parallel-variance formula
     (``syncbn.functional.merge_rows``); the backward one all_reduce of ``2C + 1`` gradient sums,
     skipped on every rank when no rank's input needs a gradient. Running statistics follow torch:
     ``running_var`` stores the unbiased variance ``M / (M - 1) * sigma^2``, ``momentum=None`` is the

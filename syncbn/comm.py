@@ -254,7 +254,6 @@ def _has_cpu_backend(group: Optional[ProcessGroup]) -> bool:
     return True
 
 
-@torch.compiler.disable
 def _shm_channel(
     tensor: Tensor, group: Optional[ProcessGroup], grow: Optional[ShmChannel] = None
 ) -> Optional[ShmChannel]:

@@ -83,8 +83,8 @@ def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
 
 
 def row_size(channels: int) -> int:
-    """Length of one rank's statistics row: ``[hi (C), lo (C), var (C), count, needs_grad]``."""
-    return 3 * channels + 2
+    """Length of one rank's statistics row: ``[hi (C), lo (C), var (C), count, needs_grad, refined]``."""
+    return 3 * channels + 3
 
 
 def _expand_mask(mask: Tensor, ndim: int) -> Tensor:
@@ -122,36 +122,50 @@ def _mean_correction(x: Tensor, mean: Tensor, dims: list[int], mask: Optional[Te
 def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
     c = x.shape[1]
     dims = reduce_dims(x)
-    row = torch.zeros(row_size(c), dtype=torch.float64, device=x.device)
-    row[-1] = needs_grad
+    f64 = dict(dtype=torch.float64, device=x.device)
     if mask is not None:
         m = _expand_mask(mask, x.dim())
-        count = mask.sum(dtype=torch.float64)  # a tensor: no host read
-        row[3 * c] = count
+        count: Union[int, Tensor] = mask.sum(dtype=torch.float64)  # a tensor: no host read
         n = count.clamp(min=1.0)
         xs = x.to(stat_dtype(x.dtype))
         mean = torch.where(m, xs, 0).sum(dims, dtype=torch.float64) / n
         dev = torch.where(m, xs - channel_view(mean.to(xs.dtype), x.dim()), 0)
         var = (dev * dev).sum(dims, dtype=torch.float64) / n
+        tail = torch.stack([count, count.new_tensor(needs_grad), count.new_zeros(())])
+        return torch.cat([mean, torch.zeros(c, **f64), var, tail])
+    count = x.numel() // c if c else 0
+    if count == 0:
+        return torch.cat([torch.zeros(3 * c, **f64), torch.tensor([0.0, needs_grad, 0.0], **f64)])
+    if _kernels.uses_fused_kernels(x):
+        mean, var = _kernels.local_stats(x)
     else:
-        count = x.numel() // c if c else 0
-        row[3 * c] = count
-        if count == 0:
-            return row
-        if _kernels.uses_fused_kernels(x):
-            mean, var = _kernels.local_stats(x)
-        else:
-            mean, var = _kernel_stats(x)
-    row[:c] = mean
-    row[2 * c : 3 * c] = var
-    # Refine the mean where rounding it would show in the group's variance. CPU only (free host
-    # read); half inputs are quantized coarser than their float32 mean is rounded.
-    if x.device.type == "cpu" and x.dtype not in _HALF and c and x.numel():
-        if bool((mean.double().square() > _REFINE_RATIO**2 * var.double()).any()):
-            hi = mean.to(x.dtype)
-            row[:c] = hi
-            row[c : 2 * c] = _mean_correction(x, hi, dims, mask)
-    return row
+        mean, var = _kernel_stats(x)
+    lo, refined = None, 0.0
+    # Refine the mean where rounding it to its dtype would show in the group's variance (some
+    # channel's mean^2 > 16 var). CPU only, where the host read is free; half inputs are
+    # quantized coarser than their float32 mean is rounded.
+    if x.device.type == "cpu" and x.dtype not in _HALF:
+        if torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2).min().item() < 0:
+            mean = mean.to(x.dtype)
+            lo, refined = _mean_correction(x, mean, dims, None), 1.0
+    if lo is None:
+        lo = _constant((0.0,) * c, x.device)
+    return torch.cat([mean, lo, var, _constant((float(count), needs_grad, refined), x.device)])
+
+
+# Small read-only float64 vectors that local_row would otherwise build at every call (torch.cat
+# copies them). Bounded: cleared when full.
+_constants: dict[tuple, Tensor] = {}
+
+
+def _constant(values: tuple, device: torch.device) -> Tensor:
+    key = (values, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) >= 256:
+            _constants.clear()
+        t = _constants[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return t
 
 
 if _compat.HAS_CUSTOM_OP:
@@ -166,14 +180,14 @@ if _compat.HAS_CUSTOM_OP:
 
 
 def local_row(x: Tensor, mask: Optional[Tensor] = None, needs_grad: bool = False) -> Tensor:
-    """This rank's statistics row: float64 ``[hi (C), lo (C), var (C), count, needs_grad]``.
+    """This rank's statistics row: float64 ``[hi (C), lo (C), var (C), count, needs_grad, refined]``.
 
     ``hi + lo`` is each channel's mean over the batch (over the positions where ``mask`` is True),
     ``var`` its biased variance (two-pass, accumulated in double), ``count`` the number of values
     per channel and ``needs_grad`` 1.0 when this rank's input needs a gradient. ``hi`` comes from
     torch's statistics kernel in the statistics dtype; where some channel's ``|mean|`` exceeds 4
     standard deviations, ``lo`` holds the float64 correction ``mean(x - hi)`` (one more pass over
-    the batch), else 0. An empty batch (or mask) gives zeros. No autograd history. Under
+    the batch) and ``refined`` is 1.0, else both are 0. An empty batch (or mask) gives zeros. No autograd history. Under
     ``torch.compile`` this is one opaque operator with a fake implementation, so batch sizes may
     change between steps without breaking the graph.
     """
@@ -201,30 +215,39 @@ class GroupStats(NamedTuple):
     any_grad: Tensor
 
 
-def merge_rows(rows: Tensor) -> GroupStats:
-    """Merge every rank's :func:`local_row` (``(W, 3C + 2)``, group-rank order) into the group's statistics.
+def merge_rows(rows: Tensor, refined: bool = True) -> GroupStats:
+    """Merge every rank's :func:`local_row` (``(W, 3C + 3)``, group-rank order) into the group's statistics.
 
     Chan, Golub and LeVeque's pairwise update in closed form, around the shared reference
     ``K`` (the first non-empty rank's ``hi``): ``d_i = (hi_i - K) + lo_i``, ``m = sum n_i d_i / M``,
     ``mean = K + m``, ``var = (sum n_i var_i + sum n_i (d_i - m)^2) / M``. Empty ranks weigh
-    nothing; an empty group gives zeros. No host read.
+    nothing; an empty group gives zeros. No host read. ``refined=False`` tells that no rank sent
+    a correction (every channel's ``|mean| <= 4 std`` on every rank): then ``K = 0`` loses nothing
+    and the merge takes a third of the operations.
     """
-    c = (rows.shape[1] - 2) // 3
+    c = (rows.shape[1] - 3) // 3
     hi, lo, var = rows[:, :c], rows[:, c : 2 * c], rows[:, 2 * c : 3 * c]
     counts = rows[:, 3 * c]
-    any_grad = (rows[:, 3 * c + 1] > 0).any().to(torch.float64)
+    any_grad = rows[:, 3 * c + 1].amax()
+    total = counts.sum()
+    if rows.shape[0] == 1:
+        return GroupStats(hi[0] + lo[0], var[0], total, counts, any_grad)
+    n = counts.unsqueeze(1)
+    safe = total.clamp(min=1.0)
+    if not refined:
+        mean = torch.mv(hi.t(), counts).div_(safe)
+        d = hi - mean
+        return GroupStats(mean, torch.mv(torch.addcmul(var, d, d).t(), counts).div_(safe), total, counts, any_grad)
     nonempty = counts > 0
     present = nonempty.unsqueeze(1)
-    total = counts.sum()
-    n = counts.unsqueeze(1)
     # The first non-empty rank's hi, selected without indexing by a value (compile-friendly) and
     # without multiplying other rows by 0 (a non-finite row would give NaN).
     first = (nonempty & (nonempty.cumsum(0) == 1)).unsqueeze(1)
     ref = torch.where(first, hi, 0).sum(0)
     d = torch.where(present, (hi - ref) + lo, 0)
-    m = (n * d).sum(0) / total.clamp(min=1.0)
+    m = (n * d).sum(0) / safe
     spread = torch.where(present, n * (var + (d - m).square()), 0).sum(0)
-    return GroupStats(ref + m, spread / total.clamp(min=1.0), total, counts, any_grad)
+    return GroupStats(ref + m, spread / safe, total, counts, any_grad)
 
 
 def exponential_average_factor(

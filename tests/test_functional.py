@@ -117,3 +117,17 @@ def test_masked_row_counts_valid_values_only():
     assert int(st.count) == 9
     torch.testing.assert_close(st.mean, valid.mean(1))
     torch.testing.assert_close(st.var, valid.var(1, unbiased=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_merge_when_no_rank_refined(dtype):
+    """Rows without corrections (|mean| <= 4 std everywhere) merge alike with the short formula."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(9, 6, 5, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
+    rows = torch.stack([BF.local_row(p) for p in x.split([4, 0, 5])])
+    assert not rows[:, -1].any(), "these rows should need no correction"
+    fast, full = BF.merge_rows(rows, refined=False), BF.merge_rows(rows)
+    _, truth = _two_pass(x)
+    assert _rel(fast.var, truth) <= max(4 * _torch_kernel_error(x, truth), 1e-14)
+    torch.testing.assert_close(fast.mean, full.mean, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(fast.var, full.var, rtol=1e-13, atol=0)
