@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels, comm
+from . import _stats as ST
 from . import functional as BF
 from ._compat import is_compiling
 
@@ -134,7 +135,7 @@ def _gradient_sums(
     if mask is not None:
         m = mask.unsqueeze(1) if x.dim() > 1 else mask
         grad_out = torch.where(m, grad_out, 0)
-        x = torch.where(m, x, BF.channel_view(mean.to(x.dtype), x.dim()))  # xhat = 0 where padded
+        x = torch.where(m, x, ST.channel_view(mean.to(x.dtype), x.dim()))  # xhat = 0 where padded
     if ctx.fused:
         invstd = spread
         grad_out = _kernels.fused_layout(grad_out, like=x)
@@ -206,11 +207,11 @@ def _second_order(
     """
     eps = ctx.eps
     sync = ctx.sync is not False
-    stat = BF.stat_dtype(x.dtype)
+    stat = ST.stat_dtype(x.dtype)
     xs = x if x.requires_grad else x.detach().requires_grad_()
     with torch.enable_grad():
         xd = xs.to(stat)
-        dims = BF.reduce_dims(x)
+        dims = ST.reduce_dims(x)
         m = None if mask is None else (mask.unsqueeze(1) if x.dim() > 1 else mask)
         if ctx.usable is not None and not bool(ctx.usable):
             mu, var = mean.detach(), (spread if not ctx.fused else spread.pow(-2) - eps).detach()
@@ -218,15 +219,15 @@ def _second_order(
             count = float(ctx.count)
             s1 = (xd if m is None else torch.where(m, xd, 0)).sum(dims)
             mu = (AllReduceSum.apply(s1, ctx.group) if sync else s1) / count
-            dev = xd - BF.channel_view(mu, x.dim())
+            dev = xd - ST.channel_view(mu, x.dim())
             if m is not None:
                 dev = torch.where(m, dev, 0)
             s2 = (dev * dev).sum(dims)
             var = (AllReduceSum.apply(s2, ctx.group) if sync else s2) / count
-        xhat = (xd - BF.channel_view(mu, x.dim())) * BF.channel_view(torch.rsqrt(var + eps), x.dim())
+        xhat = (xd - ST.channel_view(mu, x.dim())) * ST.channel_view(torch.rsqrt(var + eps), x.dim())
         scale, shift = BF.fold_affine(weight, bias, r, d)
-        y = xhat if scale is None else xhat * BF.channel_view(scale, x.dim())
-        y = y if shift is None else y + BF.channel_view(shift, x.dim())
+        y = xhat if scale is None else xhat * ST.channel_view(scale, x.dim())
+        y = y if shift is None else y + ST.channel_view(shift, x.dim())
         if m is not None:
             y = torch.where(m, y, 0)
         y = y.to(x.dtype)

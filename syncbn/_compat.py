@@ -26,6 +26,8 @@ __all__ = [
     "group_timeout",
     "group_by_name",
     "group_is_live",
+    "has_cpu_backend",
+    "assert_async",
 ]
 
 # torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo.is_compiling answers the same
@@ -175,3 +177,25 @@ def group_is_live(pg: Any) -> bool:
     if registry is None:  # pragma: no cover - other torch versions: trust the caller's weak reference
         return True
     return pg in registry
+
+
+def has_cpu_backend(pg: Any) -> bool:
+    """Whether process group ``pg`` can run collectives on CPU tensors (Gloo; not an NCCL-only group)."""
+    try:
+        pg._get_backend(torch.device("cpu"))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def assert_async(condition: torch.Tensor, message: str) -> None:
+    """Fail the step where ``condition`` (a 0-dim bool tensor) is False, without reading it on the host.
+
+    ``torch._assert_async`` (a device-side assert on CUDA, a RuntimeError on CPU; traceable). On a
+    torch without it, warns once and checks nothing.
+    """
+    check = getattr(torch, "_assert_async", None)
+    if check is None:  # pragma: no cover - torch without it
+        _warn_once("assert_async", "syncbn: this torch has no torch._assert_async; compiled steps skip the min_count check")
+        return
+    check(condition, message)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _compat, _config, _consistency, _kernels, comm
+from . import _stats as ST
 from . import functional as BF
 from ._autograd import SyncNormFunction
 from ._compat import is_compiling
@@ -103,14 +104,14 @@ def batch_norm(
         return _below_min_count(x, running_mean, running_var, weight, bias, eps, None)
 
     needs_grad = x.requires_grad and torch.is_grad_enabled()
-    row = BF.local_row(x, mask, needs_grad)
+    row = ST.local_row(x, mask, needs_grad)
     if sync:
         if _config.debug():
             _consistency.check_consistency(name, x, group, key)
         rows = comm.all_gather(row, group)
     else:
         rows = row.unsqueeze(0)
-    stat = BF.stat_dtype(x.dtype)
+    stat = ST.stat_dtype(x.dtype)
     tracks = running_mean is not None
     where = "across the process group" if sync else "in the batch"
     usable: Optional[Tensor] = None
@@ -132,20 +133,20 @@ def batch_norm(
                 f"fused CUDA kernels count them in int32), got {max(counts)}; split the batch"
             )
         backward_sync = sync and any(h[1] > 0 for h in head)
-        st = BF.merge_rows(rows, refined=any(h[2] > 0 for h in head))
+        st = ST.merge_rows(rows, refined=any(h[2] > 0 for h in head))
         mean, var, total = st.mean, st.var, count
     else:
         # Compiled steps and CUDA-graph capture: the count stays a tensor and every decision is
         # tensor arithmetic that every rank computes alike, with no host read.
         # The backward always communicates here (deciding to skip would read a flag on the host).
-        st = BF.merge_rows(rows)
+        st = ST.merge_rows(rows)
         total = st.count
         mean, var = st.mean, st.var
         usable = total >= min_count
         if fallback == "raise" or not tracks:
             ok = usable | (total == 0)
             msg = _too_few(name, f"1 to {min_count - 1}", min_count, where + " (count not read on the host)", tracks)
-            torch._assert_async(ok, msg)
+            _compat.assert_async(ok, msg)
         else:
             mean = torch.where(usable, mean, running_mean.to(mean.dtype))
             var = torch.where(usable, var, running_var.to(var.dtype))
@@ -181,7 +182,7 @@ def _below_min_count(
     """Fewer than min_count values (after the checks): the running statistics, or an empty batch."""
     if running_mean is None:
         # Only an empty batch gets here: nothing to normalize, nothing to learn from.
-        ones = torch.ones(x.shape[1], dtype=BF.stat_dtype(x.dtype), device=x.device)
+        ones = torch.ones(x.shape[1], dtype=ST.stat_dtype(x.dtype), device=x.device)
         return BF.normalize(x, torch.zeros_like(ones), ones, weight, bias, eps, mask)
     return BF.normalize(x, running_mean, running_var, weight, bias, eps, mask)
 

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import functional as BF
+from . import _stats as ST
 
 __all__ = ["masked", "resolve"]
 
@@ -80,7 +80,7 @@ def masked(*masks: Tensor, layers: Union[nn.Module, Iterable[nn.Module], None] =
 def resolve(name: str, layer: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
     """The mask ``layer`` uses for input ``x``: ``mask`` itself (checked), the context's, or None."""
     if mask is not None:
-        BF.check_mask(name, x, mask)
+        ST.check_mask(name, x, mask)
         return mask
     if not _stack:
         return None
@@ -90,7 +90,7 @@ def resolve(name: str, layer: nn.Module, x: Tensor, mask: Optional[Tensor]) -> O
     want = (x.shape[0],) + tuple(x.shape[2:])
     for m in scope.masks:
         if tuple(m.shape) == want:
-            BF.check_mask(name, x, m)
+            ST.check_mask(name, x, m)
             return m
     raise ValueError(
         f"{name}: called inside syncbn.masked with an input of shape {tuple(x.shape)}, which needs a "

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _compat, _forward, _masking, comm
-from . import functional as BF
+from . import _stats as ST
 from ._compat import NORM_TAKES_BIAS
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "BatchNormNd"]
@@ -88,7 +88,7 @@ def sync_batch_norm(
     channels = running_mean.numel() if running_mean is not None else (input.shape[1] if input.dim() >= 2 else -1)
     check_input(name, input, channels)
     if mask is not None:
-        BF.check_mask(name, input, mask)
+        ST.check_mask(name, input, mask)
     check_eps(name, eps, training or running_mean is None)
     return _forward.batch_norm(
         input, running_mean, running_var, None, weight, bias,
@@ -120,7 +120,7 @@ class SyncBatchNorm(_BatchNorm):
     empty batches are weighted by their counts. The forward makes one all_gather of each rank's
     ``3C + 3`` float64 statistics (mean as a corrected float64 pair, variance, count, whether its
     input needs a gradient, whether it corrected its mean), merged by every rank alike with the parallel-variance formula
-    (``syncbn.functional.merge_rows``); the backward one all_reduce of ``2C + 1`` gradient sums,
+    (``syncbn._stats.merge_rows``); the backward one all_reduce of ``2C + 1`` gradient sums,
     skipped on every rank when no rank's input needs a gradient. Running statistics follow torch:
     ``running_var`` stores the unbiased variance ``M / (M - 1) * sigma^2``, ``momentum=None`` is the
     cumulative average, ``num_batches_tracked`` counts steps, and switching

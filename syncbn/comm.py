@@ -245,15 +245,6 @@ def _forget(key: int, ref: "weakref.ref[ProcessGroup]") -> None:
         del _channels[key]
 
 
-def _has_cpu_backend(group: Optional[ProcessGroup]) -> bool:
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    try:
-        pg._get_backend(torch.device("cpu"))
-    except Exception:
-        return False
-    return True
-
-
 def _shm_channel(
     tensor: Tensor, group: Optional[ProcessGroup], grow: Optional[ShmChannel] = None
 ) -> Optional[ShmChannel]:
@@ -284,7 +275,7 @@ def _shm_channel(
     if not _compat.group_is_live(pg):
         return None
     ref = weakref.ref(pg, lambda r, key=key: _forget(key, r))
-    if not _has_cpu_backend(pg):
+    if not _compat.has_cpu_backend(pg):
         # NCCL-only (or CUDA-only Gloo) groups: their collectives cannot even set the channel up.
         _channels[key] = (ref, None)
         return None

@@ -11,21 +11,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncbn import functional as BF
+from syncbn import _stats as ST
 
 
-def _group_stats(x: torch.Tensor, sizes: list[int]) -> BF.GroupStats:
-    rows = torch.stack([BF.local_row(part) for part in x.split(sizes)])
-    return BF.merge_rows(rows)
+def _group_stats(x: torch.Tensor, sizes: list[int]) -> ST.GroupStats:
+    rows = torch.stack([ST.local_row(part) for part in x.split(sizes)])
+    return ST.merge_rows(rows)
 
 
 def _two_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-enough reference: float64 two-pass mean and biased variance (double-double free)."""
-    dims = BF.reduce_dims(x)
+    dims = ST.reduce_dims(x)
     xd = x.double()
     mean = xd.mean(dims)
-    mean = mean + (xd - BF.channel_view(mean, x.dim())).mean(dims)  # one refinement step
-    dev = xd - BF.channel_view(mean, x.dim())
+    mean = mean + (xd - ST.channel_view(mean, x.dim())).mean(dims)  # one refinement step
+    dev = xd - ST.channel_view(mean, x.dim())
     return mean, (dev * dev).mean(dims)
 
 
@@ -93,8 +93,8 @@ def test_rows_merge_identically_whatever_order_of_arrival():
     """Every rank merges the same rows in group-rank order: bit-identical results."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(7, 4, 3, generator=gen, dtype=torch.float32) * 3 + 1e4
-    rows = torch.stack([BF.local_row(p) for p in x.split([2, 0, 5])])
-    a, b = BF.merge_rows(rows.clone()), BF.merge_rows(rows.clone())
+    rows = torch.stack([ST.local_row(p) for p in x.split([2, 0, 5])])
+    a, b = ST.merge_rows(rows.clone()), ST.merge_rows(rows.clone())
     assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)
 
 
@@ -111,9 +111,9 @@ def test_masked_row_counts_valid_values_only():
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     garbage = x.clone()
     garbage[~mask.unsqueeze(1).expand_as(x)] = float("nan")
-    row = BF.local_row(garbage, mask)
+    row = ST.local_row(garbage, mask)
     valid = x.permute(1, 0, 2)[:, mask]
-    st = BF.merge_rows(row.unsqueeze(0))
+    st = ST.merge_rows(row.unsqueeze(0))
     assert int(st.count) == 9
     torch.testing.assert_close(st.mean, valid.mean(1))
     torch.testing.assert_close(st.var, valid.var(1, unbiased=False))
@@ -124,9 +124,9 @@ def test_fast_merge_when_no_rank_refined(dtype):
     """Rows without corrections (|mean| <= 4 std everywhere) merge alike with the short formula."""
     gen = torch.Generator().manual_seed(4)
     x = (torch.randn(9, 6, 5, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
-    rows = torch.stack([BF.local_row(p) for p in x.split([4, 0, 5])])
+    rows = torch.stack([ST.local_row(p) for p in x.split([4, 0, 5])])
     assert not rows[:, -1].any(), "these rows should need no correction"
-    fast, full = BF.merge_rows(rows, refined=False), BF.merge_rows(rows)
+    fast, full = ST.merge_rows(rows, refined=False), ST.merge_rows(rows)
     _, truth = _two_pass(x)
     assert _rel(fast.var, truth) <= max(4 * _torch_kernel_error(x, truth), 1e-14)
     torch.testing.assert_close(fast.mean, full.mean, rtol=1e-14, atol=1e-14)

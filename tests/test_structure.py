@@ -10,12 +10,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "syncbn"
 
 # The layers, lowest first: a module may import only modules listed before it. Configuration and
-# torch-version shims, then the math (kernels, functional), the transport and communication, the
+# torch-version shims, then the math (kernels, statistics and their merge, functional), the transport and communication, the
 # autograd Function, the shared forward, the modules, the converters, the integrations.
 ORDER = [
     "_config",
     "_compat",
     "_kernels",
+    "_stats",
     "functional",
     "_masking",
     "_shm",

@@ -16,6 +16,7 @@ timm = pytest.importorskip("timm", reason="ecosystem tier: needs timm (bash scri
 torchvision = pytest.importorskip("torchvision", reason="ecosystem tier: needs torchvision (.venv-eco)")
 
 import syncbn  # noqa: E402
+import syncbn._rules  # noqa: E402
 
 from ..harness import run_on_ranks  # noqa: E402
 from .models import INPUT, TIMM_MODELS, TORCHVISION_MODELS, build, ddp_two_steps  # noqa: E402
@@ -112,7 +113,7 @@ def _with_user_layers(name: str) -> nn.Module:
 
 
 def test_user_subclass_error_skip_and_register(monkeypatch):
-    monkeypatch.setattr(syncbn.convert, "_USER_RULES", {})
+    monkeypatch.setattr(syncbn._rules, "USER_RULES", {})
     model = _with_user_layers("resnet18")
     paths = [n for n, m in model.named_modules() if type(m) is LoggedBN]
     assert len(paths) >= 4

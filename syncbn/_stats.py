@@ -1,0 +1,245 @@
+"""Local statistics and the group merge: what each rank sends, and how the group's statistics come out of it.
+
+A synchronized layer asks :func:`local_row` for its rank's statistics, hands the row to
+:func:`syncbn.comm.all_gather`, and turns every rank's rows into the group's mean and variance
+with :func:`merge_rows`. Nothing here talks to other processes.
+
+Accuracy of the merge. Each rank sends its channels' mean as an unevaluated float64 sum
+``hi + lo`` (``lo`` is a correction computed only when the mean is large against the spread, see
+:func:`local_row`), its biased variance and its count. :func:`merge_rows` combines them in float64
+in rank order, around a reference every rank shares (the first non-empty rank's ``hi``):
+``M2 = sum_i n_i var_i + sum_i n_i (d_i - m)^2`` with ``d_i = (hi_i - K) + lo_i``, the
+parallel-variance formula of Chan, Golub and LeVeque (1979), which never subtracts large sums of
+squares. So the group's variance keeps the accuracy of each rank's own two-pass variance at any
+``|mean| / std`` (no ``E[x^2] - E[x]^2`` cancellation) and over the range of torch's own
+statistics kernel (no squares of means), and every rank computes bit-identical results from the
+same rows.
+
+Conventions: ``x`` has shape ``(N, C, *)``; per-channel vectors have shape ``(C,)``; a ``mask``
+is a bool tensor of shape ``(N, *x.shape[2:])``, True where a position holds data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _compat, _kernels
+from ._compat import is_compiling
+
+__all__ = [
+    "stat_dtype",
+    "channel_view",
+    "reduce_dims",
+    "expand_mask",
+    "check_mask",
+    "row_size",
+    "local_row",
+    "GroupStats",
+    "merge_rows",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+# A rank refines its channels' means (one more pass over its batch) when some channel's
+# |mean| exceeds this many standard deviations: below it, rounding the mean to its dtype costs the
+# group's variance less than a few units in the last place (see local_row).
+_REFINE_RATIO = 4.0
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in for inputs of ``dtype``: float32 for half inputs."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def channel_view(v: Tensor, ndim: int) -> Tensor:
+    """Reshape a ``(C,)`` vector so that it broadcasts against an ``(N, C, *)`` tensor of ``ndim`` dims."""
+    return v.reshape((-1,) + (1,) * (ndim - 2))
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dim of ``x`` but the channel dim 1."""
+    return [0] + list(range(2, x.dim()))
+
+
+def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
+    """Raise ``ValueError`` unless ``mask`` is a bool tensor of shape ``(N, *x.shape[2:])`` on ``x``'s device."""
+    want = (x.shape[0],) + tuple(x.shape[2:])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != want:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{name}: expected mask to be a bool tensor of shape {want} (input shape {tuple(x.shape)} "
+            f"without the channel dim), True where a position holds data; got {got}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{name}: expected mask on {x.device} like the input, got {mask.device}")
+
+
+def row_size(channels: int) -> int:
+    """Length of one rank's statistics row: ``[hi (C), lo (C), var (C), count, needs_grad, refined]``."""
+    return 3 * channels + 3
+
+
+def expand_mask(mask: Tensor, ndim: int) -> Tensor:
+    """``(N, *S)`` mask as ``(N, 1, *S)``, broadcastable against an ``(N, C, *S)`` tensor."""
+    return mask.unsqueeze(1) if ndim > 1 else mask
+
+
+def _kernel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of a non-empty ``x`` from torch's CPU batch-norm statistics kernel.
+
+    One pass over ``x`` accumulated in double (two-pass variance). Half inputs get float32
+    statistics (scratch float32 buffers with momentum 0 make the kernel return that dtype).
+    """
+    if x.dtype in _HALF:
+        c = x.shape[1]
+        scratch_mean = torch.zeros(c, dtype=torch.float32, device=x.device)
+        scratch_var = torch.ones(c, dtype=torch.float32, device=x.device)
+        return torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
+def _mean_correction(x: Tensor, mean: Tensor, dims: list[int], mask: Optional[Tensor]) -> Tensor:
+    """``mean(x - mean)`` in float64, for ``mean`` in ``x``'s dtype: what rounding the mean to it lost.
+
+    ``x - mean`` is exact where ``x`` lies within a factor 2 of ``mean`` (Sterbenz), which is the
+    case this is called for (``|mean|`` many standard deviations away from 0), so the correction is
+    accurate to the dtype's epsilon times the spread instead of times the mean.
+    """
+    diff = x - channel_view(mean, x.dim())
+    if mask is not None:
+        diff = torch.where(expand_mask(mask, x.dim()), diff, 0)
+    n = x.numel() // x.shape[1] if mask is None else mask.sum()
+    return diff.sum(dims, dtype=torch.float64) / n
+
+
+def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
+    c = x.shape[1]
+    dims = reduce_dims(x)
+    f64 = dict(dtype=torch.float64, device=x.device)
+    if mask is not None:
+        m = expand_mask(mask, x.dim())
+        count: Union[int, Tensor] = mask.sum(dtype=torch.float64)  # a tensor: no host read
+        n = count.clamp(min=1.0)
+        xs = x.to(stat_dtype(x.dtype))
+        mean = torch.where(m, xs, 0).sum(dims, dtype=torch.float64) / n
+        dev = torch.where(m, xs - channel_view(mean.to(xs.dtype), x.dim()), 0)
+        var = (dev * dev).sum(dims, dtype=torch.float64) / n
+        tail = torch.stack([count, count.new_tensor(needs_grad), count.new_zeros(())])
+        return torch.cat([mean, torch.zeros(c, **f64), var, tail])
+    count = x.numel() // c if c else 0
+    if count == 0:
+        return torch.cat([torch.zeros(3 * c, **f64), torch.tensor([0.0, needs_grad, 0.0], **f64)])
+    if _kernels.uses_fused_kernels(x):
+        mean, var = _kernels.local_stats(x)
+    else:
+        mean, var = _kernel_stats(x)
+    lo, refined = None, 0.0
+    # Refine the mean where rounding it to its dtype would show in the group's variance (some
+    # channel's mean^2 > 16 var). CPU only, where the host read is free; half inputs are
+    # quantized coarser than their float32 mean is rounded.
+    if x.device.type == "cpu" and x.dtype not in _HALF:
+        if torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2).min().item() < 0:
+            mean = mean.to(x.dtype)
+            lo, refined = _mean_correction(x, mean, dims, None), 1.0
+    if lo is None:
+        lo = _constant((0.0,) * c, x.device)
+    return torch.cat([mean, lo, var, _constant((float(count), needs_grad, refined), x.device)])
+
+
+# Small read-only float64 vectors that local_row would otherwise build at every call (torch.cat
+# copies them). Bounded: cleared when full.
+_constants: dict[tuple, Tensor] = {}
+
+
+def _constant(values: tuple, device: torch.device) -> Tensor:
+    key = (values, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) >= 256:
+            _constants.clear()
+        t = _constants[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return t
+
+
+if _compat.HAS_CUSTOM_OP:
+
+    @torch.library.custom_op("syncbn::local_row", mutates_args=())
+    def _local_row_op(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
+        return _local_row_impl(x, mask, needs_grad)
+
+    @_local_row_op.register_fake
+    def _(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
+        return x.new_empty(row_size(x.shape[1]), dtype=torch.float64)
+
+
+def local_row(x: Tensor, mask: Optional[Tensor] = None, needs_grad: bool = False) -> Tensor:
+    """This rank's statistics row: float64 ``[hi (C), lo (C), var (C), count, needs_grad, refined]``.
+
+    ``hi + lo`` is each channel's mean over the batch (over the positions where ``mask`` is True),
+    ``var`` its biased variance (two-pass, accumulated in double), ``count`` the number of values
+    per channel and ``needs_grad`` 1.0 when this rank's input needs a gradient. ``hi`` comes from
+    torch's statistics kernel in the statistics dtype; where some channel's ``|mean|`` exceeds 4
+    standard deviations, ``lo`` holds the float64 correction ``mean(x - hi)`` (one more pass over
+    the batch) and ``refined`` is 1.0, else both are 0. An empty batch (or mask) gives zeros. No autograd history. Under
+    ``torch.compile`` this is one opaque operator with a fake implementation, so batch sizes may
+    change between steps without breaking the graph.
+    """
+    x = x.detach()
+    if is_compiling() and _compat.HAS_CUSTOM_OP:
+        return _local_row_op(x, mask, float(needs_grad))
+    return _local_row_impl(x, mask, float(needs_grad))
+
+
+class GroupStats(NamedTuple):
+    """The group's statistics, identical on every rank (all float64).
+
+    Attributes:
+        mean: ``(C,)`` mean over every rank's values.
+        var: ``(C,)`` biased variance.
+        count: 0-dim total count per channel (exact below 2**53).
+        counts: ``(W,)`` each rank's count, in group-rank order.
+        any_grad: 0-dim, 1.0 when some rank's input needs a gradient.
+    """
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+    counts: Tensor
+    any_grad: Tensor
+
+
+def merge_rows(rows: Tensor, refined: bool = True) -> GroupStats:
+    """Merge every rank's :func:`local_row` (``(W, 3C + 3)``, group-rank order) into the group's statistics.
+
+    Chan, Golub and LeVeque's pairwise update in closed form, around the shared reference
+    ``K`` (the first non-empty rank's ``hi``): ``d_i = (hi_i - K) + lo_i``, ``m = sum n_i d_i / M``,
+    ``mean = K + m``, ``var = (sum n_i var_i + sum n_i (d_i - m)^2) / M``. Empty ranks weigh
+    nothing; an empty group gives zeros. No host read. ``refined=False`` tells that no rank sent
+    a correction (every channel's ``|mean| <= 4 std`` on every rank): then ``K = 0`` loses nothing
+    and the merge takes a third of the operations.
+    """
+    c = (rows.shape[1] - 3) // 3
+    hi, lo, var = rows[:, :c], rows[:, c : 2 * c], rows[:, 2 * c : 3 * c]
+    counts = rows[:, 3 * c]
+    any_grad = rows[:, 3 * c + 1].amax()
+    total = counts.sum()
+    if rows.shape[0] == 1:
+        return GroupStats(hi[0] + lo[0], var[0], total, counts, any_grad)
+    n = counts.unsqueeze(1)
+    safe = total.clamp(min=1.0)
+    if not refined:
+        mean = torch.mv(hi.t(), counts).div_(safe)
+        d = hi - mean
+        return GroupStats(mean, torch.mv(torch.addcmul(var, d, d).t(), counts).div_(safe), total, counts, any_grad)
+    nonempty = counts > 0
+    present = nonempty.unsqueeze(1)
+    # The first non-empty rank's hi, selected without indexing by a value (compile-friendly) and
+    # without multiplying other rows by 0 (a non-finite row would give NaN).
+    first = (nonempty & (nonempty.cumsum(0) == 1)).unsqueeze(1)
+    ref = torch.where(first, hi, 0).sum(0)
+    d = torch.where(present, (hi - ref) + lo, 0)
+    m = (n * d).sum(0) / safe
+    spread = torch.where(present, n * (var + (d - m).square()), 0).sum(0)
+    return GroupStats(ref + m, spread / safe, total, counts, any_grad)
