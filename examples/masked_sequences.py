@@ -189,7 +189,7 @@ def train(args: argparse.Namespace, info: syncbn.DistInfo, data: Sequences, use_
     name = "masked" if use_mask else "unmasked"
     model.train()
     t0 = time.perf_counter()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, valid, frames = 0.0, 0, 0, 0, 0
     for step in range(args.steps):
         if pos + global_batch > len(perm):
             perm, pos = torch.randperm(len(data.labels), generator=order), 0
@@ -208,11 +208,13 @@ def train(args: argparse.Namespace, info: syncbn.DistInfo, data: Sequences, use_
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
+        valid, frames = valid + int(mask.sum()), frames + mask.numel()
         if (step + 1) % max(1, args.steps // 5) == 0 or step + 1 == args.steps:
-            loss_sum, correct, seen = all_reduce([loss_sum, correct, seen])
+            loss_sum, correct, seen, valid, frames = all_reduce([loss_sum, correct, seen, valid, frames])
             log(f"{name:>8} step {step + 1}/{args.steps} loss={loss_sum / seen:.4f} "
-                f"train_acc={100 * correct / seen:.1f}% time={time.perf_counter() - t0:.1f}s", flush=True)
-            loss_sum, correct, seen = 0.0, 0, 0
+                f"train_acc={100 * correct / seen:.1f}% padded_frames={100 * (1 - valid / frames):.0f}% "
+                f"time={time.perf_counter() - t0:.1f}s", flush=True)
+            loss_sum, correct, seen, valid, frames = 0.0, 0, 0, 0, 0
     return model
 
 
@@ -284,10 +286,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.perf_counter()
     train_data = make_data(args.train, args.min_len, args.max_len, seed=args.seed)
     test_data = make_data(args.test, args.min_len, args.max_len, seed=args.seed + 10_000)
-    valid = train_data.lengths.sum().item()
     log(f"world_size={info.world_size} backend={info.backend} batch_per_rank={args.batch_size} "
-        f"steps={args.steps} train={args.train} test={args.test} lengths={args.min_len}-{args.max_len} "
-        f"padding_in_training~{100 * (1 - valid / (len(train_data.lengths) * args.max_len)):.0f}%", flush=True)
+        f"steps={args.steps} train={args.train} test={args.test} lengths={args.min_len}-{args.max_len}", flush=True)
 
     results = {}
     for use_mask in (True, False):
