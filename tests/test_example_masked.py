@@ -28,14 +28,15 @@ def test_quick_run_prints_the_table() -> None:
     assert list(rows) == [("masked", "running"), ("masked", "batch"), ("unmasked", "running"), ("unmasked", "batch")], out
     for acc_a, acc_b, _ in rows.values():
         assert 0 <= acc_a <= 100 and 0 <= acc_b <= 100
-    # Masked: the same logits however the sequences are padded, with running and batch statistics.
+    # Masked: the same logits however the sequences are padded, with running and batch statistics,
+    # up to float32 rounding (sums over tensors of different lengths; ~1e-7 here, 1e-6 in a full run).
     for stats in ("running", "batch"):
         acc_a, acc_b, diff = rows["masked", stats]
-        assert diff < 1e-6 and acc_a == acc_b, (stats, out)
+        assert diff < 1e-5 and acc_a == acc_b, (stats, out)
     # Unmasked: the training computation (batch statistics) depends on the padding; eval does not
     # (running statistics are a per-channel affine map and the model never reads padded frames).
     assert rows["unmasked", "batch"][2] > 1e-3, out
-    assert rows["unmasked", "running"][2] < 1e-6, out
+    assert rows["unmasked", "running"][2] < 1e-5, out
     assert re.search(r"^done: wall=[\d.]+s$", out, re.M), out
 
 
