@@ -149,7 +149,7 @@ class ConvModule(nn.Module):
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:  # x (N, d, T), keep (N, 1, T) bool
         x = F.glu(self.pointwise1(x.masked_fill(~keep, 0.0)), dim=1)
         x = self.depthwise(x.masked_fill(~keep, 0.0))
-        x = self.act(self.norm(x))
+        x = self.act(self.norm(x))  # no mask here: inside syncbn.masked the layer finds its own
         return self.pointwise2(x).masked_fill(~keep, 0.0)
 
 
