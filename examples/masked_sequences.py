@@ -158,7 +158,9 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.stem = nn.Conv1d(IN_CHANNELS, width, 1)
         self.blocks = nn.ModuleList([ConvModule(width, kernel) for _ in range(2)])
-        self.head = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, num_classes)
+        )
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         keep = mask[:, None, :]

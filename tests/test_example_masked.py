@@ -25,7 +25,8 @@ def test_quick_run_prints_the_table() -> None:
     assert len(re.findall(r"^ *(masked|unmasked) step \d+/20 loss=[\d.]+ ", out, re.M)) == 10, out
     assert "64 held-out sequences, padded A: each batch of 16 per rank to its longest; B: all to 256 frames" in out
     rows = {(m[0], m[1].split()[0]): (float(m[2]), float(m[3]), float(m[4])) for m in ROW.findall(out)}
-    assert list(rows) == [("masked", "running"), ("masked", "batch"), ("unmasked", "running"), ("unmasked", "batch")], out
+    expected = [("masked", "running"), ("masked", "batch"), ("unmasked", "running"), ("unmasked", "batch")]
+    assert list(rows) == expected, out
     for acc_a, acc_b, _ in rows.values():
         assert 0 <= acc_a <= 100 and 0 <= acc_b <= 100
     # Masked: the same logits however the sequences are padded, with running and batch statistics,
