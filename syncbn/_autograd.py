@@ -110,6 +110,8 @@ _flags: dict[tuple[bool, torch.device], Tensor] = {}
 
 def _flag(value: bool, device: torch.device) -> Tensor:
     """A cached float64 ``[1.0]`` or ``[0.0]`` on ``device`` (read only: torch.cat copies it)."""
+    if is_compiling():  # a compiled graph builds it once anyway (and may not touch the cache)
+        return torch.full((1,), float(value), dtype=torch.float64, device=device)
     key = (value, device)
     flag = _flags.get(key)
     if flag is None:
@@ -133,7 +135,7 @@ def _gradient_sums(
     """Local gradient sums, then (when synchronized) the group's, with the create_graph agreement."""
     c = mean.numel()
     if mask is not None:
-        m = mask.unsqueeze(1) if x.dim() > 1 else mask
+        m = ST.expand_mask(mask, x.dim())
         grad_out = torch.where(m, grad_out, 0)
         x = torch.where(m, x, ST.channel_view(mean.to(x.dtype), x.dim()))  # xhat = 0 where padded
     if ctx.fused:
@@ -184,8 +186,8 @@ def _first_order(
     elif need_x:
         means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
         grad_x = BF.grad_input(grad_out, x_filled, mean, spread, ctx.eps, scale, means[:c], means[c:])
-        if mask is not None:
-            grad_x = torch.where(mask.unsqueeze(1) if x.dim() > 1 else mask, grad_x, 0)
+        if mask is not None:  # 0 where padded (finite there, as x was filled)
+            grad_x.mul_(ST.expand_mask(mask, x.dim()).to(grad_x.dtype))
     if need_w:
         # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
         sum_dy_xhat = sum_dy_x * invstd if ctx.fused else sum_dy_x

@@ -89,19 +89,21 @@ def is_capturing(t: torch.Tensor) -> bool:
 HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
 
 
-def custom_op(name: str, *, mutates_args: Any = (), ordered: bool = False) -> Callable:
-    """``torch.library.custom_op(name, mutates_args=...)``; ``ordered`` also orders its calls.
+def custom_op(name: str, *, mutates_args: Any = (), ordered: bool = False, side_effect: bool = False) -> Callable:
+    """``torch.library.custom_op(name, mutates_args=...)`` for an operator with side effects.
 
-    An ordered op (a collective) keeps the program order of its calls inside every compiled graph:
-    AOTAutograd threads an effect token through them, so no graph pass reorders two of them, and
-    no pass removes one whose result goes unused. Without effect support in this torch the op is
-    only kept from elimination (warned once, at the first compile).
+    ``side_effect``: no graph pass may remove a call whose result goes unused. ``ordered`` (also a
+    side effect): AOTAutograd threads an effect token through its calls, so no graph pass
+    reorders two of them either. Without effect support in this torch an ordered op is only kept
+    from elimination (warned once).
     """
 
     def wrap(fn: Callable) -> Any:
         op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
         if ordered:
             order_effects(op)
+        elif side_effect:
+            torch.fx.node.has_side_effect(op._opoverload)
         return op
 
     return wrap

@@ -126,13 +126,18 @@ def _check(name: str, x: Tensor, group: Optional[comm.ProcessGroup], key: int) -
 
 if _compat.HAS_CUSTOM_OP:
 
-    @_compat.custom_op("syncbn::check_consistency", ordered=True)
-    def _check_op(x: Tensor, name: str, key: int, group_name: str) -> None:
+    # In the forward chain of collectives (see syncbn.comm): takes and returns its token.
+    @_compat.custom_op("syncbn::check_consistency", side_effect=True)
+    def _check_raw(x: Tensor, name: str, key: int, group_name: str, token: Tensor) -> Tensor:
         _check(name, x, _compat.group_by_name(group_name), key)
+        return token.new_empty(0)
 
-    @_check_op.register_fake
-    def _(x: Tensor, name: str, key: int, group_name: str) -> None:
-        return None
+    @_check_raw.register_fake
+    def _(x: Tensor, name: str, key: int, group_name: str, token: Tensor) -> Tensor:
+        return token.new_empty(0)
+
+    def _check_op(x: Tensor, name: str, key: int, group_name: str) -> None:
+        comm.set_token(_check_raw(x, name, key, group_name, comm.current_token()))
 
 else:  # pragma: no cover - older torch: the check breaks the graph
 

@@ -114,20 +114,40 @@ def _mean_correction(x: Tensor, mean: Tensor, dims: list[int], mask: Optional[Te
     return diff.sum(dims, dtype=torch.float64) / n
 
 
+def _masked_stats(x: Tensor, mask: Tensor, count: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """float64 mean and biased variance over the valid positions of ``x`` (any values where padded).
+
+    On CPU: torch's statistics kernel over ``x`` with its padding set to 0 (one copy, one pass),
+    then the valid positions' statistics in closed form from those of the whole:
+    ``mean = mean_z * T / n``, ``var = (var_z - mean_z**2 * (T - n) / n) * T / n`` (``T`` positions,
+    ``n`` valid). Where that subtraction would cancel (some channel's ``mean_z**2 (T - n) / n``
+    above ``var_z / 16``), and on other devices (no host read there), two passes over the valid
+    values instead, accumulated in float64.
+    """
+    m = expand_mask(mask, x.dim())
+    n = count.clamp(min=1.0)
+    xz = torch.where(m, x, 0)
+    total = xz.numel() // xz.shape[1] if xz.shape[1] else 0
+    if x.device.type == "cpu" and total:
+        mean_z, var_z = (t.double() for t in _kernel_stats(xz))
+        shrink = (total - count) / n  # padded positions per valid one
+        if (var_z - 16.0 * shrink * mean_z.square()).min().item() >= 0:
+            return mean_z * (total / n), (var_z - shrink * mean_z.square()) * (total / n)
+    xs = xz.to(stat_dtype(x.dtype))
+    mean = xs.sum(dims, dtype=torch.float64) / n
+    dev = torch.where(m, xs - channel_view(mean.to(xs.dtype), x.dim()), 0)
+    return mean, (dev * dev).sum(dims, dtype=torch.float64) / n
+
+
 def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
     c = x.shape[1]
     dims = reduce_dims(x)
     f64 = dict(dtype=torch.float64, device=x.device)
     if mask is not None:
-        m = expand_mask(mask, x.dim())
-        count: Union[int, Tensor] = mask.sum(dtype=torch.float64)  # a tensor: no host read
-        n = count.clamp(min=1.0)
-        xs = x.to(stat_dtype(x.dtype))
-        mean = torch.where(m, xs, 0).sum(dims, dtype=torch.float64) / n
-        dev = torch.where(m, xs - channel_view(mean.to(xs.dtype), x.dim()), 0)
-        var = (dev * dev).sum(dims, dtype=torch.float64) / n
+        count = mask.sum(dtype=torch.float64)  # a tensor: no host read
+        mean, var = _masked_stats(x, mask, count, dims)
         tail = torch.stack([count, count.new_tensor(needs_grad), count.new_zeros(())])
-        return torch.cat([mean, torch.zeros(c, **f64), var, tail])
+        return torch.cat([mean, _constant((0.0,) * c, x.device), var, tail])
     count = x.numel() // c if c else 0
     if count == 0:
         return torch.cat([torch.zeros(3 * c, **f64), torch.tensor([0.0, needs_grad, 0.0], **f64)])

@@ -161,12 +161,35 @@ def _group_name(group: Optional[ProcessGroup]) -> str:
 # Dynamo can trace neither a ProcessGroup call nor the shared-memory channel. Under compilation the
 # functions above therefore call custom operators that name the group by its ``group_name`` string
 # (as torch's functional collectives do) and, when the graph runs, perform the eager collective.
-# They return new tensors, so the graph sees no mutation. They are registered with *ordered*
-# effects: AOTAutograd threads one effect token through every call, in program order, in the
-# forward and in the backward graph, so no graph pass can reorder two collectives (say those of
-# two parallel branches) or drop one whose result goes unused. Ranks whose graphs differ (a rank
-# with a batch of 0 or 1 recompiles with other specializations, or breaks its graph elsewhere)
-# therefore still pair every collective with the same one on their peers.
+# They return new tensors, so the graph sees no mutation, and no graph pass may drop one.
+#
+# Order. Ranks whose graphs differ (a rank with a batch of 0 or 1 compiles other specializations,
+# a rank recompiles with dynamic shapes) must still pair every collective with the same one on
+# their peers, so no graph may reorder two of them (say those of two parallel branches):
+# - forward collectives are chained through a token: each takes the token the previous one
+#   returned (an empty tensor, held in ``_token`` between calls, across graphs and steps), which
+#   makes program order a data dependency in every graph;
+# - the backward's all_reduce is registered with ordered effects, so AOTAutograd threads an
+#   effect token through the backward graph. (Forward ops are not: torch's DDPOptimizer, which
+#   splits compiled DDP models into buckets, cannot pass effect tokens between its pieces.)
+
+_token: Tensor = torch.empty(0)
+
+
+def _chain(out: tuple[Tensor, Tensor]) -> Tensor:
+    global _token
+    result, _token = out
+    return result
+
+
+def current_token() -> Tensor:
+    """The forward chain's current token (for operators that must keep their place in it)."""
+    return _token
+
+
+def set_token(token: Tensor) -> None:
+    global _token
+    _token = token
 
 
 if _compat.HAS_CUSTOM_OP:
@@ -179,13 +202,16 @@ if _compat.HAS_CUSTOM_OP:
     def _(tensor: Tensor, group_name: str) -> Tensor:
         return torch.empty_like(tensor)
 
-    @_compat.custom_op("syncbn::all_gather", ordered=True)
-    def _all_gather_op(tensor: Tensor, group_name: str, world: int) -> Tensor:
-        return all_gather(tensor, _compat.group_by_name(group_name))
+    @_compat.custom_op("syncbn::all_gather", side_effect=True)
+    def _all_gather_raw(tensor: Tensor, group_name: str, world: int, token: Tensor) -> tuple[Tensor, Tensor]:
+        return all_gather(tensor, _compat.group_by_name(group_name)), tensor.new_empty(0)
 
-    @_all_gather_op.register_fake
-    def _(tensor: Tensor, group_name: str, world: int) -> Tensor:
-        return tensor.new_empty((world, tensor.numel()))
+    @_all_gather_raw.register_fake
+    def _(tensor: Tensor, group_name: str, world: int, token: Tensor) -> tuple[Tensor, Tensor]:
+        return tensor.new_empty((world, tensor.numel())), tensor.new_empty(0)
+
+    def _all_gather_op(tensor: Tensor, group_name: str, world: int) -> Tensor:
+        return _chain(_all_gather_raw(tensor, group_name, world, _token))
 
 else:  # pragma: no cover - older torch: the collectives break the graph, as they always did
 

@@ -89,14 +89,15 @@ def normalize(
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's fused kernel.
 
-    Output has the dtype and memory format of ``x``; with ``mask``, 0 where the mask is False.
-    Differentiable in ``x``, ``weight`` and ``bias`` with ``mean`` and ``var`` held constant (the
-    eval-mode gradient).
+    Output has the dtype and memory format of ``x``; with ``mask``, 0 where the mask is False
+    (whatever ``x`` holds there, NaN included). Differentiable in ``x``, ``weight`` and ``bias``
+    with ``mean`` and ``var`` held constant (the eval-mode gradient).
     """
-    out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-    if mask is not None:
-        out = torch.where(expand_mask(mask, x.dim()), out, 0)
-    return out
+    if mask is None:
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    m = expand_mask(mask, x.dim())
+    out = torch.batch_norm(torch.where(m, x, 0), weight, bias, mean, var, False, 0.0, eps, False)
+    return out * m.to(out.dtype)
 
 
 def renorm_factors(
