@@ -426,3 +426,27 @@ def test_one_rank_count_above_int32_raises():
     for res in run_on_ranks(2, _huge_counts, 2**31):
         assert "error" in res, res
         assert "SyncBatchNorm(3)" in res["error"] and str(2**31 - 1) in res["error"] and str(2**31) in res["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The all_gather CUDA tensors take
+
+
+def _all_gather_tensor_branch(rank: int, world_size: int) -> list:
+    """comm.all_gather as CUDA tensors run it (all_gather_into_tensor, not Gloo's list form), here
+    on a CPU Gloo group: Gloo checks each of the output's W chunks against the input's shape, for
+    CUDA tensors too (the W=2 Gloo phase of gpu_check)."""
+    from syncbn import comm
+
+    real = comm.dist.get_backend
+    comm.dist.get_backend = lambda group=None: "nccl"  # take the branch CUDA tensors take
+    try:
+        with _config.testing():  # no shared memory needed: a float32 row skips it
+            return comm.all_gather(torch.full((3,), float(rank)), None).tolist()
+    finally:
+        comm.dist.get_backend = real
+
+
+def test_all_gather_into_tensor_branch_with_gloo():
+    for rows in run_on_ranks(2, _all_gather_tensor_branch):
+        assert rows == [[0.0] * 3, [1.0] * 3]
