@@ -514,11 +514,12 @@ def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], 
     os._exit(0)  # skip process-group teardown: results are written (see benchmarks/_spawn.py)
 
 
-def _run_phase(title: str, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
+def _run_phase(title: str, world: int, args: dict[str, Any], limit: float) -> list[dict[str, Any]]:
+    """Every case in ``world`` fresh processes; all of them reported failed if they outlast ``limit`` seconds."""
     from benchmarks._spawn import run_processes
 
     try:
-        results = run_processes(_phase_worker, world, args, timeout=args["timeout"] * 4)
+        results = run_processes(_phase_worker, world, args, timeout=limit)
     except Exception as err:
         return [{"case": f"{title}: all cases", "ok": False, "failed": [str(err)], "errors": {}}]
     for r in results:
@@ -788,6 +789,14 @@ def _print_launches(rows: list[dict[str, Any]]) -> None:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     device = "cpu" if args.emulated else "cuda"
+    # The whole run must fit the time a GPU is lent for: each phase gets what is left of the
+    # budget, less a reserve for the parts after it, and the timings are skipped when none is left.
+    budget = args.budget or (1500.0 if args.emulated else 450.0)
+    deadline = time.time() + budget
+
+    def left(reserve: float) -> float:
+        return max(30.0, deadline - time.time() - reserve)
+
     info = _describe(device, _install(args.no_install or args.emulated))
     if args.emulated:
         info["mode"] = "CPU, torch's CUDA kernels emulated (tests/emulated_kernels.py): the script's logic, not the kernels"
@@ -809,10 +818,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     with _config.testing(**emulation(args.emulated)):
         results += timed("no group", lambda: check_no_group(device))
         phase = {"device": device, "timeout": args.timeout, "emulated": args.emulated}
-        results += timed("W=2", lambda: _run_phase("W=2 gloo", 2, {**phase, "backend": "gloo", "force_sync": False}))
+        results += timed("W=2", lambda: _run_phase(
+            "W=2 gloo", 2, {**phase, "backend": "gloo", "force_sync": False}, left(reserve=budget / 3)
+        ))
         results += timed("W=1", lambda: _run_phase(
             "W=1 nccl, sync path forced" if device == "cuda" else "W=1 gloo, sync path forced",
-            1, {**phase, "backend": "nccl" if device == "cuda" else "gloo", "force_sync": True},
+            1, {**phase, "backend": "nccl" if device == "cuda" else "gloo", "force_sync": True}, left(reserve=60.0),
         ))
         launch_rows, launch_failures = timed("launches", lambda: check_launches(device, args.emulated))
         results += launch_failures
@@ -821,9 +832,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
         shapes = DRY_SHAPES if args.emulated else RESNET50_SHAPES
         reps = args.reps or (3 if args.emulated else 30)
-        rows = timed("timings", lambda: time_layers(
-            device, shapes, ["float32", "bfloat16"], reps=reps, warmup=1 if args.emulated else 5
-        ))
+        if deadline - time.time() > 30:
+            rows = timed("timings", lambda: time_layers(
+                device, shapes, ["float32", "bfloat16"], reps=reps, warmup=1 if args.emulated else 5
+            ))
+        else:
+            rows = []
+            print(f"\ntimings skipped: the {budget:.0f} s budget is spent")
     print("\nseconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     peak = _peak_bandwidth_gbs(device)
     if args.emulated:
@@ -843,6 +858,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="do not pip-install this checkout first")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation")
     parser.add_argument("--timeout", type=float, default=60.0, help="process-group timeout, seconds")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run (default 450 on a GPU, 1500 emulated); phases "
+                             "that outlast their share are reported failed, timings skipped")
     parser.add_argument("--out", default=None, help="write gpu_check.json and gpu_check.txt into this folder")
     parser.add_argument("--json", default=None, help="also write every result to this file")
     args = parser.parse_args(argv)
