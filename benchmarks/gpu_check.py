@@ -3,8 +3,14 @@
 Run it on a machine with a CUDA build of torch, from a checkout::
 
     python benchmarks/gpu_check.py                 # installs this checkout (pip -e, no deps), then checks
-    python benchmarks/gpu_check.py --json out.json
-    python benchmarks/gpu_check.py --dry-run       # CPU, tiny shapes: the same code paths, for CI
+    python benchmarks/gpu_check.py --out DIR       # also writes DIR/gpu_check.json and DIR/gpu_check.txt
+    python benchmarks/gpu_check.py --cpu-emulated  # CPU, tiny shapes, CUDA kernels emulated (CI; alias --dry-run)
+
+``--cpu-emulated`` runs every case on CPU tensors routed through the fused-kernel path, with
+``tests/emulated_kernels.py`` standing in for torch's CUDA kernels (they check what the kernels
+check, and like them have no fake implementation): so CI runs the script's own logic, each case
+on the path it checks. Only a GPU run checks the kernels themselves; on CPU the timings measure
+nothing.
 
 What it checks, each case against single-process float64 torch BatchNorm on the concatenated batch
 (Batch Renorm against its closed form): outputs, grad_input, the ranks' summed grad_weight and
@@ -16,9 +22,13 @@ no affine, ``momentum=None`` and ``SyncBatchRenorm``. It runs them
 - with NCCL and world size 1, the synchronized path forced (NCCL refuses two ranks on one GPU);
 - with no process group, where ``SyncBatchNorm`` must equal ``nn.BatchNorm`` bit for bit;
 
-and checks that the synchronized path launches exactly torch's four fused kernels per step, and
-that a converted model compiled with ``fullgraph=True`` equals eager (on CUDA with NCCL through
-``mode="reduce-overhead"``, CUDA graphs, reporting whether inductor captured them).
+and, inside both groups (so on the synchronized path), checks that it launches exactly torch's
+four fused kernels per step, and that a converted model compiled with ``fullgraph=True`` equals
+eager: with static shapes (on CUDA with NCCL through ``mode="reduce-overhead"``, CUDA graphs,
+reporting whether inductor captured them) and with ``dynamic=True`` and a batch size that changes
+every step (``aot_eager``: the fused kernels' fake implementations). It counts the launches of
+one synchronized layer's forward and backward against torch's own ``SyncBatchNorm`` Function
+(``benchmarks/launches.py``; reported, not counted).
 
 Then it times forward+backward of one layer on ResNet-50 shapes (CUDA events, implementations
 interleaved, medians and median ratios): ``nn.BatchNorm2d``; syncbn without a group; syncbn's
@@ -28,11 +38,14 @@ synchronized path with communication left out; and torch's own SyncBatchNorm ker
 reports the bandwidth achieved (8 passes over the activation per step) against a device-to-device
 copy of the same bytes and against the GPU's peak. It ends with one line ``N passed, M failed``
 (correctness cases; the speed targets are reported, not counted) and exits non-zero on a failure.
+The whole run takes a few minutes on one GPU (compilation included); ``--out`` keeps its table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -54,7 +67,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-__all__ = ["main", "CASES"]
+__all__ = ["main", "CASES", "run_case", "check_kernels", "check_compiled", "emulation"]
 
 # ResNet-50's batch-norm shapes at 32 images per GPU (224x224 input).
 RESNET50_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
@@ -287,14 +300,24 @@ def run_case(case: dict[str, Any], rank: int, world: int, device: str, steps: in
     return {"case": _case_name(case), "errors": errors, "tol": tol, "ok": not failed, "failed": sorted(failed)}
 
 
-class _CountingKernels:
-    """Delegates to torch and counts the fused kernels syncbn calls."""
+def emulation(emulated: bool) -> dict[str, Any]:
+    """The ``syncbn._config.testing`` fields of a mode: CPU tensors through the emulated kernels, or nothing."""
+    if not emulated:
+        return {}
+    from tests import emulated_kernels
 
-    def __init__(self) -> None:
+    return {"fused_device_types": ("cpu",), "kernels": emulated_kernels}
+
+
+class _CountingKernels:
+    """Delegates to the kernels in force (torch, or the emulations) and counts the fused kernels syncbn calls."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = torch if base is None else base
         self.calls: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        fn = getattr(torch, name)
+        fn = getattr(self.base, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -303,22 +326,25 @@ class _CountingKernels:
         return call
 
 
+_FOUR = ("batch_norm_update_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+
+
 def check_kernels(device: str) -> dict[str, Any]:
-    """Two synchronized steps launch each of torch's four fused kernels exactly twice (CUDA)."""
+    """Two synchronized steps launch each of torch's four fused kernels exactly twice, and nothing else.
+
+    Runs inside a phase's process group, where the layer takes the synchronized path (a group of
+    two ranks, or one with the synchronized path forced).
+    """
     import syncbn
     from syncbn import _config
 
-    counting = _CountingKernels()
+    counting = _CountingKernels(_config.current().kernels)
     with _config.testing(kernels=counting):
         layer = syncbn.SyncBatchNorm(8).to(device)
         x = torch.randn(4, 8, 5, 5, device=device, requires_grad=True)
         for _ in range(2):
             layer(x).sum().backward()
-    expected = (
-        {k: 2 for k in ("batch_norm_update_stats", "batch_norm_elemt", "batch_norm_backward_reduce", "batch_norm_backward_elemt")}
-        if device == "cuda"
-        else {}
-    )
+    expected = {k: 2 for k in _FOUR}
     ok = counting.calls == expected
     return {"case": "fused kernels launched per step", "errors": {"calls": counting.calls}, "ok": ok,
             "failed": [] if ok else [f"got {counting.calls}, expected {expected}"]}
@@ -361,13 +387,15 @@ def check_no_group(device: str) -> list[dict[str, Any]]:
     return out
 
 
-def check_compiled(device: str, world: int) -> dict[str, Any]:
+def check_compiled(device: str, world: int, dynamic: bool = False) -> dict[str, Any]:
     """A converted conv net under torch.compile(fullgraph=True) equals eager, step by step.
 
-    On CUDA with NCCL it compiles with ``mode="reduce-overhead"`` (inductor with CUDA graphs: the
-    synchronized forward and backward have no host read, so they can be captured) and reports
-    whether inductor captured or skipped the graphs; elsewhere (CPU, or Gloo, whose collectives
-    cannot be captured) it compiles with ``aot_eager``.
+    Static shapes: on CUDA with NCCL it compiles with ``mode="reduce-overhead"`` (inductor with
+    CUDA graphs: the synchronized forward and backward have no host read, so they can be
+    captured) and reports whether inductor captured or skipped the graphs; elsewhere (CPU, or
+    Gloo, whose collectives cannot be captured) with ``aot_eager``. ``dynamic=True``: ``aot_eager``
+    with dynamic shapes and a batch size that changes every step (and differs between ranks), which
+    traces the fused kernels with symbolic shapes: only their fake implementations make that work.
     """
     import copy
 
@@ -375,19 +403,26 @@ def check_compiled(device: str, world: int) -> dict[str, Any]:
     import syncbn
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: count this case's graphs only
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
     )
     eager = syncbn.convert_sync_bn(net).to(device)
     model = copy.deepcopy(eager)
-    graphs = device == "cuda" and dist.get_backend() == "nccl"
+    graphs = device == "cuda" and dist.get_backend() == "nccl" and not dynamic
     kwargs: dict[str, Any] = {"mode": "reduce-overhead"} if graphs else {"backend": "aot_eager"}
+    if dynamic:
+        kwargs["dynamic"] = True
     compiled = torch.compile(model, fullgraph=True, **kwargs)
-    gen = torch.Generator().manual_seed(11 + dist.get_rank())
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(11 + rank)
     errors: dict[str, float] = {}
-    for step in range(5):
-        x = torch.randn(4, 3, 8, 8, generator=gen).to(device)
+    # Dynamic: first batches 5 and 6, unlike the input's other sizes (dynamo's duck sizing would
+    # tie a batch of 3 or 8 to the channels or the image size and specialize it).
+    sizes = [5, 7, 2, 9, 4] if dynamic else [4] * 5
+    for step, n in enumerate(sizes):
+        x = torch.randn(n + (rank if dynamic else 0), 3, 8, 8, generator=gen).to(device)
         ye, yc = eager(x), compiled(x)
         errors["output"] = max(errors.get("output", 0.0), _max_err(yc, ye))
         ye.square().sum().backward()
@@ -408,6 +443,12 @@ def check_compiled(device: str, world: int) -> dict[str, Any]:
     if graphs:
         skipped = {k: v for k, v in skips.items() if "skip" in k}
         captured = f", CUDA graphs {'skipped: ' + str(skipped) if skipped else 'used'}"
+    if dynamic:
+        how += ", dynamic shapes, batch " + "/".join(str(n) for n in sizes)
+        frames = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+        captured += f", {frames} graph{'s' if frames != 1 else ''}"
+        if frames != 1:
+            failed.append(f"{frames} graphs: recompiled for another batch size")
     return {"case": f"compiled fullgraph, {how}, equals eager{captured}", "errors": errors, "tol": 1e-4,
             "ok": not failed, "failed": failed}
 
@@ -425,21 +466,26 @@ def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], 
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=args["timeout"]))
     from syncbn import _config
 
-    forced = _config.testing(always_sync=args["force_sync"])
-    forced.__enter__()
+    seam = _config.testing(always_sync=args["force_sync"], **emulation(args["emulated"]))
+    seam.__enter__()
+    checks: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        (_case_name(case), lambda case=case: run_case(case, rank, world, device)) for case in CASES
+    ]
+    checks += [
+        ("fused kernels launched per step", lambda: check_kernels(device)),
+        ("compiled fullgraph equals eager", lambda: check_compiled(device, world)),
+        ("compiled fullgraph, dynamic shapes, equals eager", lambda: check_compiled(device, world, dynamic=True)),
+    ]
     results = []
-    for case in CASES:
+    for name, check in checks:
+        start = time.time()
         try:
-            res = run_case(case, rank, world, device)
+            res = check()
         except Exception as err:  # a failing case is reported, the next one still runs
-            res = {"case": _case_name(case), "errors": {}, "ok": False, "failed": [f"{type(err).__name__}: {err}"],
+            res = {"case": name, "errors": {}, "ok": False, "failed": [f"{type(err).__name__}: {err}"],
                    "traceback": traceback.format_exc()}
+        res["seconds"] = round(time.time() - start, 2)
         results.append(res)
-    try:
-        results.append(check_compiled(device, world))
-    except Exception as err:
-        results.append({"case": "compiled fullgraph equals eager", "errors": {}, "ok": False,
-                        "failed": [f"{type(err).__name__}: {err}"], "traceback": traceback.format_exc()})
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, results)
@@ -450,12 +496,17 @@ def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], 
         for i, case_results in enumerate(zip(*gathered)):
             ok = all(r["ok"] for r in case_results)
             failed = sorted({f"rank {k}: {f}" for k, r in enumerate(case_results) for f in r["failed"]})
-            errors: dict[str, float] = {}
-            for r in case_results:
+            errors: dict[str, Any] = {}
+            for k, r in enumerate(case_results):
                 for key, v in r["errors"].items():
-                    errors[key] = max(errors.get(key, 0.0), v)
+                    if isinstance(v, (int, float)):
+                        errors[key] = max(errors.get(key, 0.0), v)
+                    else:
+                        errors[f"rank {k} {key}"] = v
             tb = next((r["traceback"] for r in case_results if "traceback" in r), None)
-            merged.append({"case": case_results[0]["case"], "ok": ok, "failed": failed, "errors": errors, "tol": case_results[0].get("tol"), **({"traceback": tb} if tb else {})})
+            merged.append({"case": case_results[0]["case"], "ok": ok, "failed": failed, "errors": errors,
+                           "tol": case_results[0].get("tol"), "seconds": max(r["seconds"] for r in case_results),
+                           **({"traceback": tb} if tb else {})})
         with open(out_path, "w") as f:
             json.dump(merged, f)
     sys.stdout.flush()
@@ -463,11 +514,12 @@ def _phase_worker(rank: int, world: int, store_path: str, args: dict[str, Any], 
     os._exit(0)  # skip process-group teardown: results are written (see benchmarks/_spawn.py)
 
 
-def _run_phase(title: str, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
+def _run_phase(title: str, world: int, args: dict[str, Any], limit: float) -> list[dict[str, Any]]:
+    """Every case in ``world`` fresh processes; all of them reported failed if they outlast ``limit`` seconds."""
     from benchmarks._spawn import run_processes
 
     try:
-        results = run_processes(_phase_worker, world, args, timeout=args["timeout"] * 4)
+        results = run_processes(_phase_worker, world, args, timeout=limit)
     except Exception as err:
         return [{"case": f"{title}: all cases", "ok": False, "failed": [str(err)], "errors": {}}]
     for r in results:
@@ -479,36 +531,45 @@ def _run_phase(title: str, world: int, args: dict[str, Any]) -> list[dict[str, A
 # Timing
 
 
+def _kernels_in_force() -> Any:
+    from syncbn import _config
+
+    return _config.current().kernels or torch
+
+
 class _TorchSyncBNNoComm(torch.autograd.Function):
     """torch's nn.SyncBatchNorm kernel sequence (torch/nn/modules/_functions.py), communication left out.
 
     Forward: batch_norm_stats, the empty-rank mask (a host synchronization, as in torch's layer),
     batch_norm_gather_stats_with_counts over one "rank", batch_norm_elemt. Backward:
-    batch_norm_backward_reduce, batch_norm_backward_elemt.
+    batch_norm_backward_reduce, batch_norm_backward_elemt. The kernels are those in force (torch's,
+    or their CPU emulations).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):  # type: ignore[override]
-        mean, invstd = torch.batch_norm_stats(x, eps)
+        K = _kernels_in_force()
+        mean, invstd = K.batch_norm_stats(x, eps)
         count = torch.full((1,), x.numel() // x.size(1), dtype=mean.dtype, device=mean.device)
         mean_all, invstd_all, count_all = mean[None], invstd[None], count[None]
         mask = count_all.squeeze(-1) >= 1
         mean_all, invstd_all, count_all = mean_all[mask], invstd_all[mask], count_all[mask]
-        mean, invstd = torch.batch_norm_gather_stats_with_counts(
+        mean, invstd = K.batch_norm_gather_stats_with_counts(
             x, mean_all, invstd_all, running_mean, running_var, momentum, eps, count_all.view(-1)
         )
         ctx.save_for_backward(x, weight, mean, invstd, count_all.to(torch.int32))
-        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        return K.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
+        K = _kernels_in_force()
         x, weight, mean, invstd, count = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else dy.contiguous()
-        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = K.batch_norm_backward_reduce(
             dy, x, mean, invstd, weight, True, True, True
         )
         w = weight.to(mean.dtype) if weight.dtype != mean.dtype else weight
-        dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
+        dx = K.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
         return dx, grad_weight, grad_bias, None, None, None, None
 
 
@@ -557,17 +618,18 @@ def _timer(device: str) -> tuple[Callable[[], Any], Callable[[Any, Any], float]]
 def time_layers(device: str, shapes: list[tuple[int, ...]], dtypes: list[str], reps: int, warmup: int) -> list[dict[str, Any]]:
     """Median forward+backward milliseconds per implementation and shape, interleaved.
 
-    No process group exists here; syncbn's all_reduce is replaced by the identity for the duration,
-    so its synchronized path is timed without communication.
+    No process group exists here; syncbn's all_gather and all_reduce are replaced by the identity
+    for the duration, so its synchronized path is timed without communication.
     """
     from syncbn import comm
 
-    saved = comm.all_reduce_sum
+    saved = comm.all_reduce_sum, comm.all_gather
     comm.all_reduce_sum = lambda tensor, group=None: tensor
+    comm.all_gather = lambda tensor, group=None: tensor.reshape(1, -1)
     try:
         return _time_layers(device, shapes, dtypes, reps, warmup)
     finally:
-        comm.all_reduce_sum = saved
+        comm.all_reduce_sum, comm.all_gather = saved
 
 
 def _time_layers(device: str, shapes: list[tuple[int, ...]], dtypes: list[str], reps: int, warmup: int) -> list[dict[str, Any]]:
@@ -589,7 +651,7 @@ def _time_layers(device: str, shapes: list[tuple[int, ...]], dtypes: list[str], 
                 "syncbn, no group": syncbn.SyncBatchNorm(shape[1]),
                 "syncbn sync path, no comm": _SyncbnForcedSync(shape[1]),
             }
-            if device == "cuda":
+            if device == "cuda" or _kernels_in_force() is not torch:
                 impls["torch SyncBN kernels, no comm"] = _TorchSyncBNLayer(shape[1])
             impls = {k: m.to(device) for k, m in impls.items()}
             copy_src, copy_dst = x.detach().clone(), torch.empty_like(x)
@@ -660,35 +722,49 @@ def _print_timings(rows: list[dict[str, Any]], peak: Optional[float]) -> list[st
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="run on CPU with tiny shapes (no GPU needed)")
-    parser.add_argument("--no-install", action="store_true", help="do not pip-install this checkout first")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation")
-    parser.add_argument("--timeout", type=float, default=60.0, help="process-group timeout, seconds")
-    parser.add_argument("--json", default=None, help="write every result to this file")
-    args = parser.parse_args(argv)
-    t0 = time.time()
-    device = "cpu" if args.dry_run else "cuda"
-    if args.dry_run:
-        torch.set_num_threads(1)  # tiny shapes: threads only add contention with the spawned ranks
-    if device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: expected a CUDA build of torch with a visible GPU, found none; "
-              "use --dry-run to exercise the script on CPU")
-        return 2
-    info = _describe(device, _install(args.no_install or args.dry_run))
-    for k, v in info.items():
-        print(f"{k:>15}: {v}")
+class _Tee(io.TextIOBase):
+    """Writes to several text streams (the console and the report kept for ``--out``)."""
 
-    results: list[dict[str, Any]] = []
-    results += check_no_group(device)
-    results.append(check_kernels(device))
-    phase = {"device": device, "timeout": args.timeout}
-    results += _run_phase("W=2 gloo", 2, {**phase, "backend": "gloo", "force_sync": False})
-    results += _run_phase(
-        "W=1 nccl, sync path forced" if device == "cuda" else "W=1 gloo, sync path forced",
-        1, {**phase, "backend": "nccl" if device == "cuda" else "gloo", "force_sync": True},
-    )
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def check_launches(device: str, emulated: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Launches of one synchronized layer's forward and backward, syncbn's and torch's (reported).
+
+    Returns the rows and, when counting itself failed, a failed case.
+    """
+    from benchmarks import launches
+
+    kernels = emulation(emulated).get("kernels")
+    shape = (4, 8, 5, 5) if device == "cpu" else (32, 256, 14, 14)
+    cases = [
+        ("float32", {"shape": shape}),
+        ("bfloat16 channels_last", {"shape": shape, "dtype": torch.bfloat16, "channels_last": True}),
+        ("float16, float16 parameters", {"shape": shape, "dtype": torch.float16, "param_dtype": torch.float16}),
+    ]
+    rows, failed = [], []
+    for name, case in cases:
+        try:
+            res = launches.compare(device=device, kernels=kernels, **case)
+        except Exception as err:
+            failed.append({"case": f"launch count: {name}", "errors": {}, "ok": False,
+                           "failed": [f"{type(err).__name__}: {err}"], "traceback": traceback.format_exc()})
+            continue
+        rows.append({"case": name, "shape": list(shape), **res})
+    return rows, failed
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
     print("\ncorrectness (max error relative to max(1, |reference|), float64 references)")
     for r in results:
         worst = max((v for v in r["errors"].values() if isinstance(v, float)), default=0.0)
@@ -698,22 +774,120 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not r["ok"] and r.get("traceback"):
             print("    " + r["traceback"].strip().replace("\n", "\n    "))
 
-    shapes = DRY_SHAPES if args.dry_run else RESNET50_SHAPES
-    reps = args.reps or (3 if args.dry_run else 30)
-    rows = time_layers(device, shapes, ["float32", "bfloat16"], reps=reps, warmup=1 if args.dry_run else 5)
+
+def _print_launches(rows: list[dict[str, Any]]) -> None:
+    print("\nlaunches per synchronized layer, one rank of two (syncbn / torch's SyncBatchNorm Function; "
+          "reported, not counted)")
+    for row in rows:
+        s, t = row["syncbn"], row["torch"]
+        print(f"  {row['case']:30s} forward {s['forward']['launches']:3d} / {t['forward']['launches']:3d}   "
+              f"backward {s['backward']['launches']:3d} / {t['backward']['launches']:3d}")
+        for who, r in (("syncbn", s), ("torch", t)):
+            for phase in ("forward", "backward"):
+                print(f"      {who:6s} {phase:8s} {' '.join(r[phase]['ops'])}")
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    device = "cpu" if args.emulated else "cuda"
+    # The whole run must fit the time a GPU is lent for: each phase gets what is left of the
+    # budget, less a reserve for the parts after it, and the timings are skipped when none is left.
+    budget = args.budget or (1500.0 if args.emulated else 450.0)
+    deadline = time.time() + budget
+
+    def left(reserve: float) -> float:
+        return max(30.0, deadline - time.time() - reserve)
+
+    info = _describe(device, _install(args.no_install or args.emulated))
+    if args.emulated:
+        info["mode"] = "CPU, torch's CUDA kernels emulated (tests/emulated_kernels.py): the script's logic, not the kernels"
+    for k, v in info.items():
+        print(f"{k:>15}: {v}")
+
+    from syncbn import _config
+
+    results: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
+
+    def timed(what: str, fn: Callable[[], Any]) -> Any:
+        start = time.time()
+        try:
+            return fn()
+        finally:
+            seconds[what] = round(time.time() - start, 1)
+
+    with _config.testing(**emulation(args.emulated)):
+        results += timed("no group", lambda: check_no_group(device))
+        phase = {"device": device, "timeout": args.timeout, "emulated": args.emulated}
+        results += timed("W=2", lambda: _run_phase(
+            "W=2 gloo", 2, {**phase, "backend": "gloo", "force_sync": False}, left(reserve=budget / 3)
+        ))
+        results += timed("W=1", lambda: _run_phase(
+            "W=1 nccl, sync path forced" if device == "cuda" else "W=1 gloo, sync path forced",
+            1, {**phase, "backend": "nccl" if device == "cuda" else "gloo", "force_sync": True}, left(reserve=60.0),
+        ))
+        launch_rows, launch_failures = timed("launches", lambda: check_launches(device, args.emulated))
+        results += launch_failures
+        _print_results(results)
+        _print_launches(launch_rows)
+
+        shapes = DRY_SHAPES if args.emulated else RESNET50_SHAPES
+        reps = args.reps or (3 if args.emulated else 30)
+        if deadline - time.time() > 30:
+            rows = timed("timings", lambda: time_layers(
+                device, shapes, ["float32", "bfloat16"], reps=reps, warmup=1 if args.emulated else 5
+            ))
+        else:
+            rows = []
+            print(f"\ntimings skipped: the {budget:.0f} s budget is spent")
+    print("\nseconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     peak = _peak_bandwidth_gbs(device)
+    if args.emulated:
+        print("\n(CPU emulation: the timings below exercise the code; they measure nothing)")
     targets = _print_timings(rows, peak)
     print("\nspeed targets (reported, not counted)")
     for line in targets:
         print("  " + line)
-    passed = sum(r["ok"] for r in results)
-    failed = len(results) - passed
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "results": results, "timings": rows, "targets": targets,
-                       "peak_gbs": peak, "seconds": time.time() - t0}, f, indent=1)
-    print(f"\n(total {time.time() - t0:.0f} s)")
-    print(f"{passed} passed, {failed} failed")
+    return {"info": info, "results": results, "launches": launch_rows, "timings": rows, "targets": targets,
+            "peak_gbs": peak, "seconds_per_part": seconds}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu-emulated", "--dry-run", dest="emulated", action="store_true",
+                        help="run on CPU with tiny shapes, torch's CUDA kernels emulated (no GPU needed)")
+    parser.add_argument("--no-install", action="store_true", help="do not pip-install this checkout first")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation")
+    parser.add_argument("--timeout", type=float, default=60.0, help="process-group timeout, seconds")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run (default 450 on a GPU, 1500 emulated); phases "
+                             "that outlast their share are reported failed, timings skipped")
+    parser.add_argument("--out", default=None, help="write gpu_check.json and gpu_check.txt into this folder")
+    parser.add_argument("--json", default=None, help="also write every result to this file")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    if args.emulated:
+        torch.set_num_threads(1)  # tiny shapes: threads only add contention with the spawned ranks
+    elif not torch.cuda.is_available():
+        print("gpu_check: expected a CUDA build of torch with a visible GPU, found none; "
+              "use --cpu-emulated to exercise the script on CPU")
+        return 2
+    text = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, text)):
+        report = _run(args)
+        passed = sum(r["ok"] for r in report["results"])
+        failed = len(report["results"]) - passed
+        report["seconds"] = time.time() - t0
+        print(f"\n(total {report['seconds']:.0f} s)")
+        print(f"{passed} passed, {failed} failed")
+    paths = [args.json] if args.json else []
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        paths.append(os.path.join(args.out, "gpu_check.json"))
+        with open(os.path.join(args.out, "gpu_check.txt"), "w") as f:
+            f.write(text.getvalue())
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
     return 0 if failed == 0 else 1
 
 

@@ -56,8 +56,9 @@ class SyncNormFunction(torch.autograd.Function):
     ``sync`` says whether the backward all-reduces: False for one process, and in eager steps
     where no rank's input needs a gradient (every rank knows it from the forward's statistics);
     compiled and captured steps always do. Then it runs exactly one all_reduce of ``2C + 1``
-    float64 values over ``group``, also on a rank whose batch is empty, so that ranks never wait on
-    each other.
+    values over ``group`` (float64; on the fused CUDA path in the statistics dtype, as torch's
+    layer does, so that no cast runs around it), also on a rank whose batch is empty, so that ranks
+    never wait on each other.
     """
 
     @staticmethod
@@ -85,8 +86,10 @@ class SyncNormFunction(torch.autograd.Function):
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         if ctx.fused:
             x = _kernels.fused_layout(x)
-            invstd = torch.rsqrt(var + eps)
-            scale, shift = BF.fold_affine(weight, bias, r, d, like=mean)
+            invstd = (var + eps).rsqrt_()
+            # Plain batch norm passes weight and bias as they are (None for missing ones), as
+            # torch's layer does; renorm folds r and d in (statistics dtype).
+            scale, shift = _kernels.kernel_params(*BF.fold_affine(weight, bias, r, d), x)
             ctx.save_for_backward(x, mean, invstd, scale, r, d, mask, weight, bias)
             return _kernels.fused_normalize(x, mean, invstd, scale, shift)
         scale, shift = BF.fold_affine(weight, bias, r, d)
@@ -105,17 +108,20 @@ class SyncNormFunction(torch.autograd.Function):
             return _first_order(ctx, x, mean, spread, scale, r, d, mask, sums)
 
 
-_flags: dict[tuple[bool, torch.device], Tensor] = {}
+_flags: dict[tuple[bool, torch.device, torch.dtype], Tensor] = {}
 
 
-def _flag(value: bool, device: torch.device) -> Tensor:
-    """A cached float64 ``[1.0]`` or ``[0.0]`` on ``device`` (read only: torch.cat copies it)."""
-    if is_compiling():  # a compiled graph builds it once anyway (and may not touch the cache)
-        return torch.full((1,), float(value), dtype=torch.float64, device=device)
-    key = (value, device)
+def _flag(value: bool, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A cached ``[1.0]`` or ``[0.0]`` of ``dtype`` on ``device`` (read only: torch.cat copies it)."""
+    if is_compiling():
+        # In a graph it is one node; filling the cache there would be a side effect that dynamo
+        # refuses inside an autograd.Function (a fullgraph error when the compiled backward is
+        # traced before any eager backward has filled it).
+        return torch.full((1,), float(value), dtype=dtype, device=device)
+    key = (value, device, dtype)
     flag = _flags.get(key)
     if flag is None:
-        flag = _flags[key] = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        flag = _flags[key] = torch.tensor([float(value)], dtype=dtype, device=device)
     return flag
 
 
@@ -126,6 +132,9 @@ class _Sums(NamedTuple):
     sum_dy: Tensor  # local
     sum_dy_x: Tensor  # local
     group: Tensor  # the group's [sum_dy, sum_dy_x] (the local ones when not synchronized)
+    # Fused path: the reduction kernel's sum(dy * xhat) and sum(dy) in the kernel weight's dtype.
+    grad_weight: Optional[Tensor] = None
+    grad_bias: Optional[Tensor] = None
 
 
 def _gradient_sums(
@@ -138,21 +147,33 @@ def _gradient_sums(
         m = ST.expand_mask(mask, x.dim())
         grad_out = torch.where(m, grad_out, 0)
         x = torch.where(m, x, ST.channel_view(mean.to(x.dtype), x.dim()))  # xhat = 0 where padded
+    kernel_grads: tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
     if ctx.fused:
         invstd = spread
         grad_out = _kernels.fused_layout(grad_out, like=x)
-        # sum_dy_x = sum(dy * (x - mean)), as the fused elementwise kernel takes it.
-        sum_dy, sum_dy_x = _kernels.fused_grad_sums(grad_out, x, mean, invstd, scale)
+        # sum_dy_x = sum(dy * (x - mean)), as the fused elementwise kernel takes it. The same pass
+        # gives sum(dy * xhat) and sum(dy) in the weight's dtype, as torch's layer asks for them.
+        need_w, need_b = ctx.needs_input_grad[1:3]
+        sum_dy, sum_dy_x, *kernel_grads = _kernels.fused_grad_sums(
+            grad_out, x, mean, invstd, scale, weight_g=need_w, bias_g=need_b
+        )
     else:
         invstd = torch.rsqrt(spread + ctx.eps)
         # sum_dy_x = sum(dy * (x - mean)) * invstd: plain batch norm's grad_weight.
         sum_dy, sum_dy_x = BF.grad_sums(grad_out, x, mean, invstd)
     if ctx.sync is False:
-        return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, torch.cat([sum_dy, sum_dy_x]))
+        return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, torch.cat([sum_dy, sum_dy_x]), *kernel_grads)
     # One more value: how many ranks want second-order gradients. They all must, or none.
-    local = torch.cat([sum_dy, sum_dy_x, _flag(create_graph, sum_dy.device)])  # float64 (promoted)
+    if ctx.fused:
+        # The kernel's own sums are float32 (float64 for float64 input): summing them over ranks in
+        # float64 would add no accuracy, only a cast each way (and a cat of mixed dtypes, which is a
+        # copy per input on CUDA). CUDA tensors never take the float64 shared-memory transport.
+        local = torch.cat([sum_dy, sum_dy_x, _flag(create_graph, sum_dy.device, sum_dy.dtype)])
+    else:
+        local = torch.cat([sum_dy, sum_dy_x, _flag(create_graph, sum_dy.device)])  # float64 (promoted)
     reduced = comm.all_reduce_sum(local, ctx.group)
-    if create_graph or (reduced.device.type == "cpu" and not is_compiling()):
+    # (The fused path is CUDA's: no host read there, also when its CPU emulation runs in tests.)
+    if create_graph or (reduced.device.type == "cpu" and not ctx.fused and not is_compiling()):
         agree = int(reduced[-1].item())
         world = comm.group_size(ctx.group)
         if 0 < agree < world:
@@ -161,7 +182,7 @@ def _gradient_sums(
                 f"{agree} of {world} ranks with create_graph=True (second-order gradients) and the "
                 "others without; call backward/autograd.grad with the same create_graph on every rank"
             )
-    return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, reduced[: 2 * c].to(mean.dtype))
+    return _Sums(grad_out, x, invstd, sum_dy, sum_dy_x, reduced[: 2 * c].to(mean.dtype), *kernel_grads)
 
 
 def _first_order(
@@ -169,7 +190,7 @@ def _first_order(
     d: Optional[Tensor], mask: Optional[Tensor], sums: _Sums,
 ) -> tuple[Optional[Tensor], ...]:
     c = mean.numel()
-    grad_out, x_filled, invstd, sum_dy, sum_dy_x, group_sums = sums
+    grad_out, x_filled, invstd, sum_dy, sum_dy_x, group_sums = sums[:6]
     if ctx.usable is not None:
         # A group below min_count normalized with the running statistics, constants for
         # autograd: the batch terms of the gradient vanish (every rank still reduced above).
@@ -178,10 +199,19 @@ def _first_order(
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     count = ctx.count
     if need_x and ctx.fused:
-        counts = ctx.counts if ctx.counts is not None else torch.as_tensor([count], device=x.device)
+        # One int32 count per rank, as torch's layer passes them: the kernel adds them in int64,
+        # so the group may hold more than 2**31 - 1 values per channel (the forward checks each
+        # rank's count fits).
+        if ctx.counts is not None:
+            counts = ctx.counts
+        else:
+            counts = count.reshape(1) if isinstance(count, Tensor) else torch.tensor([count])
         counts = counts.to(device=x.device, dtype=torch.int32)
+        # The non-channels-last kernel reads the weight in the statistics dtype (torch's layer
+        # casts it the same way).
+        w = scale if scale is None or scale.dtype == mean.dtype else scale.to(mean.dtype)
         grad_x = _kernels.fused_grad_input(
-            grad_out, x_filled, mean, invstd, scale, group_sums[:c], group_sums[c:], counts
+            grad_out, x_filled, mean, invstd, w, group_sums[:c], group_sums[c:], counts
         )
     elif need_x:
         means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
@@ -190,11 +220,14 @@ def _first_order(
             grad_x.mul_(ST.expand_mask(mask, x.dim()).to(grad_x.dtype))
     if need_w:
         # Local contributions: DDP (or the user) sums/averages them over ranks like any weight grad.
-        sum_dy_xhat = sum_dy_x * invstd if ctx.fused else sum_dy_x
+        if sums.grad_weight is not None:
+            sum_dy_xhat = sums.grad_weight  # from the fused reduction, no launch
+        else:
+            sum_dy_xhat = sum_dy_x * invstd if ctx.fused else sum_dy_x
         grad_w = sum_dy_xhat if r is None else sum_dy_xhat * r + d * sum_dy
         grad_w = grad_w.to(ctx.weight_dtype)
     if need_b:
-        grad_b = sum_dy.to(ctx.bias_dtype)
+        grad_b = (sum_dy if sums.grad_bias is None else sums.grad_bias).to(ctx.bias_dtype)
     return (grad_x, grad_w, grad_b) + (None,) * 12
 
 

@@ -104,6 +104,11 @@ def batch_norm(
         return _below_min_count(x, running_mean, running_var, weight, bias, eps, None)
 
     needs_grad = x.requires_grad and torch.is_grad_enabled()
+    if mask is None and _kernels.uses_fused_kernels(x):
+        # Laid out once, before the statistics read it, as torch's layer does: the fused kernels
+        # then read it in their fastest layout and the normalization reuses it (a copy only for
+        # an input in none of the layouts they take; its backward passes the gradient through).
+        x = _kernels.fused_layout(x)
     row = ST.local_row(x, mask, needs_grad)
     if sync:
         if _config.debug():

@@ -151,15 +151,17 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
     count = x.numel() // c if c else 0
     if count == 0:
         return torch.cat([torch.zeros(3 * c, **f64), torch.tensor([0.0, needs_grad, 0.0], **f64)])
-    if _kernels.uses_fused_kernels(x):
+    fused = _kernels.uses_fused_kernels(x)
+    if fused:
         mean, var = _kernels.local_stats(x)
     else:
         mean, var = _kernel_stats(x)
     lo, refined = None, 0.0
     # Refine the mean where rounding it to its dtype would show in the group's variance (some
     # channel's mean^2 > 16 var). CPU only, where the host read is free; half inputs are
-    # quantized coarser than their float32 mean is rounded.
-    if x.device.type == "cpu" and x.dtype not in _HALF:
+    # quantized coarser than their float32 mean is rounded. Never on the fused path, which is
+    # CUDA's (its CPU emulation in tests behaves as CUDA does).
+    if not fused and x.device.type == "cpu" and x.dtype not in _HALF:
         if torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2).min().item() < 0:
             mean = mean.to(x.dtype)
             lo, refined = _mean_correction(x, mean, dims, None), 1.0

@@ -142,12 +142,18 @@ def all_gather(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
 
     def fallback() -> Tensor:
         if tensor.is_cuda or dist.get_backend(group) != "gloo":
-            dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+            # Into the flat view: Gloo (CUDA tensors too) splits the output into W chunks that
+            # must each have the input's shape; NCCL only counts elements. all_gather_single is
+            # the name torch >= 2.13 keeps (all_gather_into_tensor warns there).
+            _all_gather_single(out.view(-1), tensor.contiguous(), group=group)
         else:  # Gloo has no all_gather_into_tensor on every torch
             dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=group)
         return out
 
     return _run("all_gather", tensor, group, shm, fallback)
+
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 def _group_name(group: Optional[ProcessGroup]) -> str:
