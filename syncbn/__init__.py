@@ -1,7 +1,7 @@
 """syncbn: synchronized batch normalization for data-parallel PyTorch (CPU with Gloo; CUDA with NCCL)."""
 
 from ._consistency import set_debug
-from ._masking import masked
+from ._masking import masked, sequence_mask
 from ._rules import ConversionContext, register_conversion
 from .batchnorm import BatchNormNd, SyncBatchNorm, sync_batch_norm
 from .comm import new_sync_groups, set_shared_memory
@@ -18,6 +18,7 @@ __all__ = [
     "SyncBatchNorm",
     "sync_batch_norm",
     "masked",
+    "sequence_mask",
     "new_sync_groups",
     "set_debug",
     "set_shared_memory",

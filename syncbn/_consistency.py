@@ -137,7 +137,7 @@ if _compat.HAS_CUSTOM_OP:
         return token.new_empty(0)
 
     def _check_op(x: Tensor, name: str, key: int, group_name: str) -> None:
-        comm.set_token(_check_raw(x, name, key, group_name, comm.current_token()))
+        comm.set_token(x.device, _check_raw(x, name, key, group_name, comm.current_token(x.device)))
 
 else:  # pragma: no cover - older torch: the check breaks the graph
 

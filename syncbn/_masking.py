@@ -15,7 +15,39 @@ from torch import Tensor, nn
 
 from . import _stats as ST
 
-__all__ = ["masked", "resolve"]
+__all__ = ["masked", "sequence_mask", "resolve"]
+
+
+def sequence_mask(lengths: Tensor, max_length: Optional[int] = None) -> Tensor:
+    """The ``(N, T)`` bool mask of sequences of ``lengths``, True where a position holds data.
+
+    ``mask[i, t] = t < lengths[i]`` (TensorFlow's ``sequence_mask``); ``T`` is ``max_length`` or the
+    longest length. On ``lengths``' device.
+
+    Args:
+        lengths: ``(N,)`` integer tensor of sequence lengths, each in ``[0, T]``.
+        max_length: ``T``, the padded length; None: ``lengths.max()`` (read on the host).
+
+    Raises:
+        ValueError: ``lengths`` not a 1-D integer tensor, or a length outside ``[0, max_length]``.
+
+    Example::
+
+        >>> syncbn.sequence_mask(torch.tensor([3, 1]), 4)
+        tensor([[ True,  True,  True, False],
+                [ True, False, False, False]])
+    """
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        got = f"{lengths.dtype} tensor of shape {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"syncbn.sequence_mask: expected lengths as a 1-D integer tensor, got a {got}")
+    if max_length is None:
+        max_length = int(lengths.max()) if lengths.numel() else 0
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > max_length):
+        raise ValueError(
+            f"syncbn.sequence_mask: expected lengths in [0, {max_length}], got {lengths.tolist()}; "
+            "pass the padded length as max_length"
+        )
+    return torch.arange(max_length, device=lengths.device) < lengths.unsqueeze(1)
 
 
 class _Scope:

@@ -216,6 +216,19 @@ class SyncBatchNorm(_BatchNorm):
         self._layer_path = ""
         self._syncbn_key = next(_keys)
         _forward.check_options(self._layer_name(), min_count, fallback)
+        comm.prepare_token(self._device())
+
+    def _device(self) -> Optional[torch.device]:
+        for t in (self.weight, self.running_mean):
+            if t is not None:
+                return t.device
+        return None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "SyncBatchNorm":
+        # .to(), .cuda(), ...: the collectives' chain under torch.compile needs a token there.
+        out = super()._apply(fn, *args, **kwargs)
+        comm.prepare_token(self._device())
+        return out
 
     @property
     def process_group(self) -> Optional[comm.ProcessGroup]:

@@ -135,6 +135,7 @@ def all_gather(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
     world = group_size(group)
     if is_compiling():
         return _all_gather_op(tensor, _group_name(group), world)
+    prepare_token(tensor.device)
     out = tensor.new_empty((world, tensor.numel()))
 
     def shm(channel: ShmChannel) -> Optional[Tensor]:
@@ -173,29 +174,33 @@ def _group_name(group: Optional[ProcessGroup]) -> str:
 # a rank recompiles with dynamic shapes) must still pair every collective with the same one on
 # their peers, so no graph may reorder two of them (say those of two parallel branches):
 # - forward collectives are chained through a token: each takes the token the previous one
-#   returned (an empty tensor, held in ``_token`` between calls, across graphs and steps), which
-#   makes program order a data dependency in every graph;
+#   returned (an empty tensor, held in ``_tokens`` between calls, across graphs and steps), which
+#   makes program order a data dependency in every graph (one chain per device);
 # - the backward's all_reduce is registered with ordered effects, so AOTAutograd threads an
 #   effect token through the backward graph. (Forward ops are not: torch's DDPOptimizer, which
 #   splits compiled DDP models into buckets, cannot pass effect tokens between its pieces.)
 
-_token: Tensor = torch.empty(0)
+# The chain's current token per device: an empty float64 tensor on that device. Filled eagerly
+# (prepare_token) before a graph reads it, so that its first and later compiled calls see the
+# same dictionary keys (dynamo guards on them).
+_tokens: dict[torch.device, Tensor] = {torch.device("cpu"): torch.empty(0, dtype=torch.float64)}
 
 
-def _chain(out: tuple[Tensor, Tensor]) -> Tensor:
-    global _token
-    result, _token = out
-    return result
+def prepare_token(device: Optional[torch.device]) -> None:
+    """Give ``device`` its chain token now, outside any compiled graph (layers call it when placed)."""
+    if device is not None and device.type != "meta" and device not in _tokens:
+        _tokens[device] = torch.empty(0, dtype=torch.float64, device=device)
 
 
-def current_token() -> Tensor:
-    """The forward chain's current token (for operators that must keep their place in it)."""
-    return _token
+def current_token(device: torch.device) -> Tensor:
+    """The forward chain's current token on ``device`` (operators that must keep their place in it take it)."""
+    token = _tokens.get(device)
+    return torch.empty(0, dtype=torch.float64, device=device) if token is None else token
 
 
-def set_token(token: Tensor) -> None:
-    global _token
-    _token = token
+def set_token(device: torch.device, token: Tensor) -> None:
+    """Make ``token`` (an operator's output) the chain's current token on ``device``."""
+    _tokens[device] = token
 
 
 if _compat.HAS_CUSTOM_OP:
@@ -210,14 +215,16 @@ if _compat.HAS_CUSTOM_OP:
 
     @_compat.custom_op("syncbn::all_gather", side_effect=True)
     def _all_gather_raw(tensor: Tensor, group_name: str, world: int, token: Tensor) -> tuple[Tensor, Tensor]:
-        return all_gather(tensor, _compat.group_by_name(group_name)), tensor.new_empty(0)
+        return all_gather(tensor, _compat.group_by_name(group_name)), token.new_empty(0)
 
     @_all_gather_raw.register_fake
     def _(tensor: Tensor, group_name: str, world: int, token: Tensor) -> tuple[Tensor, Tensor]:
-        return tensor.new_empty((world, tensor.numel())), tensor.new_empty(0)
+        return tensor.new_empty((world, tensor.numel())), token.new_empty(0)
 
     def _all_gather_op(tensor: Tensor, group_name: str, world: int) -> Tensor:
-        return _chain(_all_gather_raw(tensor, group_name, world, _token))
+        rows, token = _all_gather_raw(tensor, group_name, world, current_token(tensor.device))
+        set_token(tensor.device, token)
+        return rows
 
 else:  # pragma: no cover - older torch: the collectives break the graph, as they always did
 

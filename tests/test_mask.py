@@ -314,3 +314,15 @@ def _compiled_masked(rank: int, world_size: int) -> None:
 
 def test_masked_layer_compiles_to_one_graph_with_changing_lengths():
     run_on_ranks(2, _compiled_masked, timeout=300)
+
+
+def test_sequence_mask():
+    lengths = torch.tensor([3, 0, 5])
+    mask = syncbn.sequence_mask(lengths)
+    assert mask.shape == (3, 5) and mask.dtype == torch.bool
+    assert torch.equal(mask, _lengths_mask([3, 0, 5], 5))
+    assert syncbn.sequence_mask(lengths, 7).shape == (3, 7)
+    with pytest.raises(ValueError, match=r"lengths in \[0, 4\]"):
+        syncbn.sequence_mask(lengths, 4)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        syncbn.sequence_mask(lengths.float())
