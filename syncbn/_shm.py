@@ -77,6 +77,12 @@ _SLEEP_MIN_S = 5e-5
 _SLEEP_MAX_S = 5e-4
 # How often a waiting rank checks for dead peers and the timeout.
 _CHECK_EVERY_S = 0.01
+# The waiting loop's clock, CPU yield and sleep, looked up at every call: a private seam through
+# which tests observe the back-off (the sequence of yields and sleeps it asks for) on a simulated
+# clock instead of measuring time. Production code never changes them.
+_clock = time.monotonic
+_yield = os.sched_yield
+_sleep = time.sleep
 
 _warned = False
 
@@ -341,13 +347,13 @@ class ShmChannel:
     def _wait(self, k: int) -> None:
         if self._ready(k):
             return
-        start = time.monotonic()
+        start = _clock()
         now = start
         spin_until = start + self.spin_s
         while now < spin_until:
             if self._ready(k):
                 return
-            now = time.monotonic()
+            now = _clock()
         # Waiting long: give the CPU away, then sleep, and check on the peers now and then.
         sleep_from = start + _SLEEP_AFTER_S
         deadline = start + self.timeout
@@ -355,11 +361,11 @@ class ShmChannel:
         pause = _SLEEP_MIN_S
         while not self._ready(k):
             if now < sleep_from:
-                os.sched_yield()
+                _yield()
             else:
-                time.sleep(pause)
+                _sleep(pause)
                 pause = min(2 * pause, _SLEEP_MAX_S)
-            now = time.monotonic()
+            now = _clock()
             if now >= next_check:
                 next_check = now + _CHECK_EVERY_S
                 self._check_peers(k, now > deadline)

@@ -94,11 +94,10 @@ def _sizes_across_capacity(rank, world_size):
     cap = _channel(group).capacity
     for big_rank in (0, 1):
         n = cap + 1 if rank == big_rank else 5
-        start = time.monotonic()
         sizes = f"{cap + 1}, 5" if big_rank == 0 else f"5, {cap + 1}"
+        # A ValueError, not the RuntimeError of the group's timeout: read from the published sizes.
         with pytest.raises(ValueError, match=r"different sizes \[" + sizes):
             comm.all_reduce_sum(torch.ones(n, dtype=_F64), group)
-        assert time.monotonic() - start < 4, "expected the mismatch at once, not after the group's timeout"
     # Every rank saw the same sizes: the channel is still usable, and grows when all outgrow it.
     out = comm.all_reduce_sum(torch.full((cap + 1,), float(rank + 1), dtype=_F64), group)
     assert torch.equal(out, torch.full((cap + 1,), 3.0, dtype=_F64))
@@ -115,27 +114,154 @@ def test_size_mismatch_across_capacity_raises_at_once_on_every_rank():
 
 
 # ---------------------------------------------------------------- 5. waiting does not burn a core
+#
+# Observed through _shm's waiting seam (_clock, _yield, _sleep), never through CPU or wall seconds:
+# the back-off is the sequence of yields and sleeps the loop asks for.
 
 
-def _wait_for_straggler(rank, world_size, delay):
+class _SimulatedTime:
+    """Stands in for ``_shm._clock/_yield/_sleep``: time moves only by what the waiting loop does.
+
+    Each clock read costs ``poll_s`` (one poll of the flags), a yield ``yield_s``, a sleep exactly
+    what it asked for. ``arrive`` (a callable) runs once the simulated time reaches ``arrive_at``.
+    """
+
+    def __init__(self, monkeypatch, poll_s=1e-5, yield_s=5e-5, arrive_at=None, arrive=None):
+        self.now = 0.0
+        self.start = self.now
+        self.poll_s, self.yield_s = poll_s, yield_s
+        self.arrive_at, self.arrive = arrive_at, arrive
+        self.events: list[tuple[str, float, float]] = []  # (what, at, seconds asked)
+        monkeypatch.setattr(_shm, "_clock", self.clock)
+        monkeypatch.setattr(_shm, "_yield", self.yield_)
+        monkeypatch.setattr(_shm, "_sleep", self.sleep)
+
+    def _advance(self, seconds):
+        self.now += seconds
+        if self.arrive is not None and self.now - self.start >= self.arrive_at:
+            self.arrive()
+            self.arrive = None
+
+    def clock(self):
+        self._advance(self.poll_s)
+        return self.now
+
+    def yield_(self):
+        self.events.append(("yield", self.now - self.start, 0.0))
+        self._advance(self.yield_s)
+
+    def sleep(self, seconds):
+        assert seconds > 0, seconds
+        self.events.append(("sleep", self.now - self.start, seconds))
+        self._advance(seconds)
+
+
+def _local_channel(world=2, timeout=30.0, peer_pid=None):
+    """Rank 0 of a channel over plain memory; the test plays the other ranks by writing their slots."""
+    raw = torch.zeros(_shm.ShmChannel.words(world, 8), dtype=torch.int64)
+    channel = _shm.ShmChannel(raw, world, 0, 8, timeout=timeout)
+    for r in range(1, world):
+        channel.header[r, 1] = os.getpid() if peer_pid is None else peer_pid  # a live peer by default
+    return channel
+
+
+def _publish(channel, rank, k, value):
+    parity = k % 2
+    channel.data[parity, rank, :4] = value
+    channel.header[rank, 2 + parity] = 4
+    channel.rounds[rank] = k
+
+
+def test_waiting_spins_then_yields_then_sleeps_growing_to_the_cap(monkeypatch):
+    """A peer 50 ms late: spin ~_SPIN_S, yield until _SLEEP_AFTER_S, then sleeps doubling to _SLEEP_MAX_S."""
+    channel = _local_channel()
+    channel.spin_s = _shm._SPIN_S
+    late_s = 0.05
+    sim = _SimulatedTime(monkeypatch, arrive_at=late_s, arrive=lambda: _publish(channel, 1, 1, 2.0))
+    out = torch.ones(4, dtype=_F64)
+    assert channel.all_reduce_(out)
+    assert out.tolist() == [3.0] * 4
+    kinds = [e[0] for e in sim.events]
+    first_yield = kinds.index("yield")
+    first_sleep = kinds.index("sleep")
+    # Spinning: no yield and no sleep during the first _SPIN_S.
+    assert sim.events[0][1] >= _shm._SPIN_S, sim.events[:3]
+    # Then yields only, until _SLEEP_AFTER_S; then sleeps only.
+    assert first_yield == 0 and set(kinds[:first_sleep]) == {"yield"} and set(kinds[first_sleep:]) == {"sleep"}
+    assert sim.events[first_sleep - 1][1] < _shm._SLEEP_AFTER_S <= sim.events[first_sleep][1]
+    pauses = [e[2] for e in sim.events[first_sleep:]]
+    expected = [min(_shm._SLEEP_MIN_S * 2**i, _shm._SLEEP_MAX_S) for i in range(len(pauses))]
+    assert pauses == pytest.approx(expected, rel=1e-12), pauses[:8]
+    assert max(pauses) == _shm._SLEEP_MAX_S
+    # The peer is noticed at most one (capped) sleep after it published.
+    assert sim.now - sim.start - late_s <= _shm._SLEEP_MAX_S + 2 * sim.poll_s
+
+
+def test_waiting_with_more_ranks_than_cores_yields_at_once(monkeypatch):
+    monkeypatch.setattr(_shm, "_usable_cpus", lambda: 1)
+    channel = _local_channel(world=2)
+    assert channel.spin_s == 0.0
+    sim = _SimulatedTime(monkeypatch, arrive_at=1e-3, arrive=lambda: _publish(channel, 1, 1, 2.0))
+    assert channel.all_reduce_(torch.ones(4, dtype=_F64))
+    assert sim.events[0][0] == "yield" and sim.events[0][1] < 2 * sim.poll_s, sim.events[:3]
+
+
+def test_waiting_for_a_live_peer_that_never_comes_raises_at_the_timeout(monkeypatch):
+    channel = _local_channel(timeout=5.0)
+    sim = _SimulatedTime(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"group rank\(s\) \[1\] did not join within the group's timeout \(5 s\)"):
+        channel.all_reduce_(torch.ones(4, dtype=_F64))
+    waited = sim.now - sim.start
+    # Not before the timeout, and at the first peer check after it (simulated time).
+    assert 5.0 < waited <= 5.0 + _shm._CHECK_EVERY_S + _shm._SLEEP_MAX_S + 2 * sim.poll_s, waited
+    assert max(e[2] for e in sim.events) == _shm._SLEEP_MAX_S
+
+
+def test_waiting_for_a_dead_peer_raises_at_the_first_check(monkeypatch):
+    channel = _local_channel(peer_pid=2**22 + 12345)  # no such process here
+    sim = _SimulatedTime(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"group rank\(s\) \[1\] exited before joining"):
+        channel.all_reduce_(torch.ones(4, dtype=_F64))
+    assert sim.now - sim.start <= _shm._CHECK_EVERY_S + _shm._SLEEP_MAX_S + 2 * sim.poll_s
+
+
+def _wait_for_straggler(rank, world_size, marker):
+    """Rank 1 calls only once rank 0 has reached the sleeping phase of its wait (no timing involved)."""
     group = dist.new_group(list(range(world_size)))
     comm.all_reduce_sum(_mine(rank), group)  # build the channel
     assert _channel(group) is not None
     dist.barrier(group)
-    if rank == 1:
-        time.sleep(delay)
-    cpu, wall = time.thread_time(), time.monotonic()
-    out = comm.all_reduce_sum(_mine(rank), group)
+    marker = Path(marker)
+    asked: list[float] = []
+    real_sleep = _shm._sleep
+    if rank == 0:
+
+        def recording_sleep(seconds):
+            if not asked:
+                marker.write_text("")
+            asked.append(seconds)
+            real_sleep(seconds)
+
+        _shm._sleep = recording_sleep
+    try:
+        if rank == 1:
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert time.monotonic() < deadline, "rank 0 never reached the sleeping phase of its wait"
+                time.sleep(0.01)
+        out = comm.all_reduce_sum(_mine(rank), group)
+    finally:
+        _shm._sleep = real_sleep
     assert out[0].item() == 3.0
-    return time.thread_time() - cpu, time.monotonic() - wall
+    return asked
 
 
-def test_waiting_for_a_straggler_sleeps():
-    delay = 2.0
-    (cpu, wall), _ = run_on_ranks(2, _wait_for_straggler, delay)
-    assert wall > 0.8 * delay, (cpu, wall)
-    # Spinning took ~100% of a core for the whole wait (about 2 s here); sleeping takes a few %.
-    assert cpu < 0.15 * delay, f"rank 0 used {cpu:.2f} s of CPU waiting {wall:.2f} s for its peer"
+def test_waiting_for_a_straggler_sleeps(tmp_path):
+    """Two real ranks: the early one ends up sleeping in capped, growing steps, then gets the right sum."""
+    asked, _ = run_on_ranks(2, _wait_for_straggler, str(tmp_path / "sleeping"), timeout=90)
+    assert asked, "rank 0 never slept while waiting"
+    assert asked[0] == _shm._SLEEP_MIN_S
+    assert all(b == min(2 * a, _shm._SLEEP_MAX_S) for a, b in zip(asked, asked[1:])), asked[:10]
 
 
 # ---------------------------------------------------------------- 6a. stale files are removed
