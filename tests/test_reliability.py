@@ -1,8 +1,11 @@
 """Reliability: ranks that go different ways fail fast and clearly; bad values propagate, never hang.
 
-Every test that could hang runs its synchronized layers on a fresh sub-group with a short Gloo
-timeout (``_short_group``), so a regression costs seconds and leaves the harness's default group
-(and its worker pool) usable.
+Every test that could hang runs its synchronized layers on a fresh sub-group with its own Gloo
+timeout (``_group``), so a regression costs seconds and leaves the harness's default group (and its
+worker pool) usable. Nothing here measures time: a test whose ranks must fail says so by the error
+they raise, and the harness's timeout (a generous upper bound) turns a hang into a failure. A short
+group timeout is used only where its expiry is the expected outcome (a peer that never joins);
+everywhere else the group's timeout is generous, so a slow, loaded machine cannot make it expire.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
-import time
 
 import pytest
 import torch
@@ -23,24 +25,30 @@ from syncbn import comm
 from .harness import run_on_ranks
 from .parity import assert_close
 
-SHORT_TIMEOUT_S = 3.0
+# A group timeout the test expects to expire (a peer that never joins).
+EXPIRING_TIMEOUT_S = 3.0
+# A group timeout that must not expire (every rank takes part): far above any load-induced lag,
+# below the harness's timeout so that a hang still comes back as a traceback.
+GENEROUS_TIMEOUT_S = 30.0
 
 
-def _short_group(world_size: int, seconds: float = SHORT_TIMEOUT_S):
-    """A new group of every rank with a short collective timeout (every rank must call this)."""
+def _group(world_size: int, seconds: float = GENEROUS_TIMEOUT_S):
+    """A new group of every rank with its own collective timeout (every rank must call this)."""
     return dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=seconds))
 
 
 def _outcome(fn, *args, **kwargs) -> dict:
-    """Run ``fn``; return what it raised (type and message) or "ok", and how long it took."""
-    start = time.monotonic()
+    """Run ``fn``; return what it raised (type and message), or None and "" when it returned."""
     try:
         fn(*args, **kwargs)
-        result = {"raised": None, "message": ""}
+        return {"raised": None, "message": ""}
     except Exception as err:  # noqa: BLE001 - the test inspects whatever came
-        result = {"raised": type(err).__name__, "message": str(err)}
-    result["seconds"] = time.monotonic() - start
-    return result
+        return {"raised": type(err).__name__, "message": str(err)}
+
+
+def _is_timeout(message: str) -> bool:
+    """Whether the error came from a group's timeout: Gloo's or the shared-memory channel's words."""
+    return "Timed out" in message or "did not join within the group's timeout" in message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +77,7 @@ def test_debug_flag_follows_set_debug_and_environment(monkeypatch):
 
 def _mismatch_rank(rank, world_size, case):
     """Each rank calls a synchronized layer that disagrees with its peer's in one way."""
-    group = _short_group(world_size)
+    group = _group(world_size)
     syncbn.set_debug(True)
     try:
         torch.manual_seed(rank)
@@ -143,7 +151,6 @@ def test_consistency_mode_raises_on_every_rank(case, differ, rows):
         for row in rows:
             assert row in msg, f"rank {rank}: {row!r} missing from:\n{msg}"
         assert "Make every rank run the same" in msg, msg
-        assert res["seconds"] < SHORT_TIMEOUT_S, f"rank {rank} waited {res['seconds']:.1f}s: a timeout, not the check"
     tails = [res["message"].split("\n", 1)[1] for res in results]
     assert tails[0] == tails[1], "every rank must report the same values"
 
@@ -204,7 +211,7 @@ def test_consistency_mode_passes_consistent_ranks():
 
 
 def _peer_raises(rank, world_size):
-    group = _short_group(world_size)
+    group = _group(world_size, EXPIRING_TIMEOUT_S)
     bn = syncbn.SyncBatchNorm(4, process_group=group)
     if rank == 1:
         # The user's code on rank 1 fails before the layer, and the process lingers (an exception
@@ -216,18 +223,20 @@ def _peer_raises(rank, world_size):
 def test_peer_that_raises_makes_others_fail_within_timeout():
     survivor, failed = run_on_ranks(2, _peer_raises, timeout=60)
     assert failed["raised"] == "RuntimeError"
+    # A hang would be the harness's timeout (60 s): rank 0 raises at the group's timeout instead.
     assert survivor["raised"] == "RuntimeError", f"rank 0 must fail, not hang or pass: {survivor}"
-    assert survivor["seconds"] < SHORT_TIMEOUT_S + 10, f"rank 0 took {survivor['seconds']:.1f}s"
     msg = survivor["message"]
     assert "all_gather" in msg and "peer rank crashed, exited or skipped" in msg, msg
+    assert _is_timeout(msg), f"a live peer that never joins is noticed by the group's timeout: {msg}"
 
 
 def _exiting_worker(rank, world_size, store_path, out_path):
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
+    # A generous timeout: a peer that exits is noticed by its death, not by the timeout.
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=GENEROUS_TIMEOUT_S),
     )
     bn = syncbn.SyncBatchNorm(4)
     x = torch.randn(3, 4, 5)
@@ -249,8 +258,9 @@ def test_peer_that_exits_makes_others_fail_within_timeout(tmp_path):
     ]
     for p in procs:
         p.start()
+    # The deadline (past the group's timeout) is an upper bound whose expiry is the failure.
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=GENEROUS_TIMEOUT_S + 60)
     alive = [p.pid for p in procs if p.is_alive()]
     for p in procs:
         if p.is_alive():
@@ -260,8 +270,8 @@ def test_peer_that_exits_makes_others_fail_within_timeout(tmp_path):
     assert procs[0].exitcode == 0 and out.exists(), "rank 0 did not report"
     res = eval(out.read_text())  # noqa: S307 - our own repr of a dict of str/float
     assert res["raised"] == "RuntimeError", res
-    assert res["seconds"] < SHORT_TIMEOUT_S + 10, res
     assert "peer rank crashed, exited or skipped" in res["message"], res
+    assert not _is_timeout(res["message"]), f"the peer's exit must be noticed, not wait for the timeout: {res}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +279,7 @@ def test_peer_that_exits_makes_others_fail_within_timeout(tmp_path):
 
 
 def _nonfinite_rank(rank, world_size):
-    group = _short_group(world_size)
+    group = _group(world_size)
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(2 * world_size, 3, 4, generator=gen, dtype=torch.float64)
     full[world_size + 1, 0, 2] = float("nan")  # a NaN in channel 0 and an Inf in channel 1,
@@ -277,11 +287,9 @@ def _nonfinite_rank(rank, world_size):
     lo, hi = 2 * rank, 2 * rank + 2
     ref = nn.BatchNorm1d(3, dtype=torch.float64)
     dut = syncbn.SyncBatchNorm(3, process_group=group, dtype=torch.float64)
-    start = time.monotonic()
     y_ref = ref(full)
     y = dut(full[lo:hi])
-    y.sum().backward()  # the backward all_reduce must not hang on NaN either
-    seconds = time.monotonic() - start
+    y.sum().backward()  # the backward all_reduce must not hang on NaN either (a hang: the group's timeout)
     for key in ("running_mean", "running_var"):
         a, e = getattr(dut, key), getattr(ref, key)
         assert torch.equal(a.isnan(), e.isnan()), f"{key}: NaN at {a.isnan().tolist()}, torch BN at {e.isnan().tolist()}"
@@ -291,7 +299,6 @@ def _nonfinite_rank(rank, world_size):
     return {
         "finite_mean": dut.running_mean.isfinite().tolist(),
         "nan_var": dut.running_var.isnan().tolist(),
-        "seconds": seconds,
     }
 
 
@@ -302,14 +309,13 @@ def test_nan_and_inf_on_one_rank_give_nan_statistics_on_every_rank():
         # rank, as in torch BN; channel 2 stays finite.
         assert res["finite_mean"] == [False, False, True], f"rank {rank}: {res}"
         assert res["nan_var"] == [True, True, False], f"rank {rank}: {res}"
-        assert res["seconds"] < SHORT_TIMEOUT_S, f"rank {rank} took {res['seconds']:.1f}s"
 
 
 def _unsupported_device_rank(rank, world_size, debug):
     # A group whose backend serves CUDA tensors only, fed CPU tensors: the situation of a CPU model
     # on an NCCL group, reproducible without a GPU.
     group = dist.new_group(
-        list(range(world_size)), backend="cuda:gloo", timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S)
+        list(range(world_size)), backend="cuda:gloo", timeout=datetime.timedelta(seconds=GENEROUS_TIMEOUT_S)
     )
     syncbn.set_debug(debug)
     try:
@@ -326,4 +332,4 @@ def test_device_the_group_cannot_reduce_gives_clear_error(debug):
         for part in ("cpu", "'cuda:gloo'", "No backend type associated with device type cpu",
                      "use a backend that supports"):
             assert part in msg, f"rank {rank}: {part!r} missing from: {msg}"
-        assert res["seconds"] < SHORT_TIMEOUT_S, f"rank {rank} waited {res['seconds']:.1f}s"
+        assert not _is_timeout(msg), f"rank {rank}: expected the backend error, not a timeout: {msg}"
