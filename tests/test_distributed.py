@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import syncbn
 from syncbn.distributed import launcher_env
 
-from .launch_util import REPO, base_env, free_port, run
+from .launch_util import REPO, PortClash, base_env, finish, port_clash, run, start, stop, with_fixed_port
 
 _VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -83,8 +82,9 @@ def test_cuda_device_beyond_visible_gpus_is_explained() -> None:
 
 def test_group_of_one_from_environment(clean_env: pytest.MonkeyPatch) -> None:
     # A launcher with one process: a real Gloo group of size 1 in this process, then cleaned up.
+    # MASTER_PORT=0: the store (rank 0's, the only one) binds a port of the system's choosing.
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port())}.items():
+                 "MASTER_PORT": "0"}.items():
         clean_env.setenv(k, v)
     try:
         info = syncbn.init_distributed()
@@ -131,20 +131,26 @@ def test_torchrun_sh_starts_two_cpu_processes() -> None:
     ]
 
 
-def test_multinode_sh_two_nodes_on_one_machine() -> None:
-    # Two torchrun agents, one process each, meeting through c10d at 127.0.0.1:PORT.
-    env = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NPROC="1")
+def _two_nodes(port: int) -> tuple[str, str]:
+    env = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC="1")
     cmd = ["bash", "launch/multinode.sh", "tests/launch_probe.py"]
-    node1 = subprocess.Popen(cmd, cwd=REPO, env=base_env(NODE_RANK="1", **env),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = start(cmd, env=base_env(NODE_RANK="1", **env))
     try:
-        out0 = run(cmd, env=base_env(NODE_RANK="0", **env))
-        out1, _ = node1.communicate(timeout=60)
+        rc0, out0 = finish(start(cmd, env=base_env(NODE_RANK="0", **env)))
+        if rc0 != 0 and port_clash(out0):
+            raise PortClash(out0[-2000:])
+        assert rc0 == 0, f"node 0 exited with {rc0}; output:\n{out0}"
+        rc1, out1 = finish(node1)
     finally:
-        if node1.poll() is None:
-            node1.kill()
-            node1.wait()
-    assert node1.returncode == 0, out1
+        stop(node1)
+    assert rc1 == 0, f"node 1 exited with {rc1}; output:\n{out1}"
+    return out0, out1
+
+
+def test_multinode_sh_two_nodes_on_one_machine() -> None:
+    # Two torchrun agents, one process each, meeting through c10d at 127.0.0.1:PORT. Node 0 binds
+    # the port both were told in advance: a port taken in the meantime is retried, not a failure.
+    out0, out1 = with_fixed_port(_two_nodes)
     lines = _probe_lines(out0 + out1)
     assert [re.sub(r" local_rank=\d", "", line) for line in lines] == [
         "probe rank=0 world_size=2 backend=gloo device=cpu rank_sum=1",
@@ -163,9 +169,10 @@ def test_slurm_sbatch_runs_multinode_per_node(tmp_path: Path) -> None:
     (fake / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
     for f in fake.iterdir():
         f.chmod(0o755)
+    # One node: it hosts the rendezvous store itself, on a port of the system's choosing (0).
     env = base_env(
         PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="42", SLURM_NNODES="1", SLURM_JOB_NODELIST="node1",
-        SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(free_port()),
+        SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT="0",
     )
     # Started from elsewhere, as sbatch does with its copy of the script.
     out = run(["bash", str(REPO / "launch/slurm.sbatch"), "tests/launch_probe.py"], env=env, cwd=tmp_path)
