@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench_layer, bench_resnet
@@ -38,6 +39,7 @@ def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path):
     assert ours["ddp_bytes"] == local["ddp_bytes"] and ours["ddp_allreduces"] == local["ddp_allreduces"]
 
 
+@pytest.mark.slow
 def test_bench_resnet_compiled_rows_are_one_graph():
     result = bench_resnet.main(
         ["--width", "8", "--batch", "2", "--image", "8", "--steps", "2", "--warmup", "1", "--timeout", "240",

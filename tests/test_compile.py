@@ -152,6 +152,7 @@ def test_compiled_layers_equal_eager_aot_eager():
     run_on_ranks(2, _all_options, _TWO_RANKS, "aot_eager", timeout=300)
 
 
+@pytest.mark.slow
 def test_compiled_layers_equal_eager_inductor():
     """The same through inductor's generated C++ (float64 keeps reassociation below 1e-12)."""
     run_on_ranks(2, _all_options, _TWO_RANKS, "inductor", timeout=600)
@@ -223,6 +224,7 @@ def _resnet_no_breaks(rank: int, world_size: int) -> None:
         _compare(eager, model, f"step {step}")
 
 
+@pytest.mark.slow
 def test_converted_resnet_is_one_graph():
     run_on_ranks(2, _resnet_no_breaks, timeout=300)
 

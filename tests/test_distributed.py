@@ -147,6 +147,7 @@ def _two_nodes(port: int) -> tuple[str, str]:
     return out0, out1
 
 
+@pytest.mark.slow
 def test_multinode_sh_two_nodes_on_one_machine() -> None:
     # Two torchrun agents, one process each, meeting through c10d at 127.0.0.1:PORT. Node 0 binds
     # the port both were told in advance: a port taken in the meantime is retried, not a failure.

@@ -63,6 +63,7 @@ def _tensors(obj, prefix=""):
     return out
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_training_resumes_to_identical_parameters(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     plain_dir, killed_dir = tmp_path / "plain", tmp_path / "killed"

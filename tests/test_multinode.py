@@ -34,6 +34,11 @@ from typing import Iterator, NamedTuple, Optional
 
 import pytest
 
+# Slow tier: each test starts torchrun agents and workers in namespaces (the fast tier covers
+# multinode.sh through test_distributed's one-node SLURM run and the transport's fallbacks in
+# test_shm).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 _SUBNET = "10.213.0"  # inside the test's own network namespaces only
 _IFACE = "sbn0"
@@ -251,7 +256,7 @@ def _probe(mode: str, out_dir: str) -> None:
                 comm.all_reduce_sum(v.clone())
                 time.sleep(0.02)
         except Exception as err:
-            (out / f"error{rank}.json").write_text(json.dumps({"time": time.time(), "error": str(err)}))
+            (out / f"error{rank}.json").write_text(json.dumps({"error": str(err)}))
             raise
     dist.barrier()
     syncbn.cleanup()
@@ -321,15 +326,17 @@ def test_two_by_two_statistics_and_a_killed_host(hosts, tmp_path):
             assert time.monotonic() < deadline and all(l.proc.poll() is None for l in runs), _logs(runs)
             time.sleep(0.2)
         _check_stats(_results(out, 4), timeout)
-        killed = time.time()
         _kill_host(hosts[1])  # its launcher and both workers (torchrun puts them in their own sessions)
-        codes = _wait(runs[:1], timeout + 30)
+        # An upper bound whose expiry is the failure (a hang), far above the group's timeout.
+        codes = _wait(runs[:1], timeout + 60)
     finally:
         _wait(runs, 0)
     assert codes[0] not in (0, None), f"launcher of host a: exit code {codes[0]}\n" + _logs(runs)
     for r in (0, 1):
-        err = json.loads((out / f"error{r}.json").read_text())
-        assert err["time"] - killed < timeout, (r, err)
+        err = json.loads((out / f"error{r}.json").read_text())["error"]
+        assert "peer rank crashed, exited or skipped" in err, (r, err)
+        # The lost peers are noticed by their closed connections, not by waiting out the timeout.
+        assert "Timed out" not in err and "did not join within" not in err, (r, err)
 
 
 def test_link_down_every_rank_raises_within_the_timeout(hosts, tmp_path):

@@ -356,6 +356,7 @@ def _results(tmp_path: Path, world: int) -> list[dict]:
 
 
 @needs_root
+@pytest.mark.slow
 def test_ranks_in_different_pid_namespaces_fall_back(tmp_path):
     """Rank 1 in its own PID namespace (and /proc), like a container sharing the host's IPC."""
     store = tmp_path / "store"
@@ -380,6 +381,7 @@ def test_ranks_in_different_pid_namespaces_fall_back(tmp_path):
 
 
 @needs_root
+@pytest.mark.slow
 def test_full_dev_shm_falls_back_with_one_warning(tmp_path):
     """Both ranks see a /dev/shm of 64 KiB (a mount namespace); the channel needs ~0.5 MB."""
     store = tmp_path / "store"
