@@ -1,4 +1,4 @@
-"""Multi-process test harness: pools of Gloo worker processes that live for the whole pytest session.
+"""Multi-process test harness: pools of Gloo worker processes that live for the pytest session.
 
 Starting a process costs seconds here (importing torch), so instead of spawning per test, one pool
 of ``W`` workers per world size is started on first use and kept. ``run_on_ranks(W, fn, *args)``
@@ -7,6 +7,12 @@ sends ``fn`` (a module-level function, pickled by reference) to every worker, wh
 traceback. Rendezvous goes through a temporary ``FileStore`` (no ports, so parallel pytest-xdist
 workers never collide). Any failure or timeout tears the pool down, so the next test gets a fresh,
 consistent group: a failing test never poisons the others.
+
+Sized to the machine: the workers are forked from one fork server per pytest process that has
+imported torch once (:func:`mp_context`), so a pool starts in well under a second instead of
+seconds per process; and at most :data:`MAX_POOL_PROCS` pool processes live at a time in one pytest
+process (the least recently used pools are closed to make room), derived from the usable CPUs and
+the number of pytest-xdist workers. Every wait has a deadline whose expiry fails the test.
 """
 
 from __future__ import annotations
@@ -21,15 +27,78 @@ import shutil
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections import Counter
+from typing import Any, Callable, Optional
 
-__all__ = ["run_on_ranks", "DistributedTestError", "TEST_TIMEOUT_S", "COLLECTIVE_TIMEOUT_S"]
+__all__ = [
+    "run_on_ranks",
+    "DistributedTestError",
+    "TEST_TIMEOUT_S",
+    "COLLECTIVE_TIMEOUT_S",
+    "MAX_POOL_PROCS",
+    "mp_context",
+    "pool_stats",
+]
 
 # Time one test may take on all ranks before the pool is killed and the test fails.
 TEST_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_TIMEOUT", "120"))
 # Gloo's own timeout for a collective some rank never joins.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SYNCBN_COLLECTIVE_TIMEOUT", "60"))
 _START_TIMEOUT_S = 120.0
+
+
+def _max_pool_procs() -> int:
+    """Pool processes one pytest process may keep: twice the usable CPUs, shared among the xdist
+    workers (``SYNCBN_TEST_MAX_POOL_PROCS`` overrides). A larger world size still runs, alone."""
+    explicit = os.environ.get("SYNCBN_TEST_MAX_POOL_PROCS", "")
+    if explicit:
+        return max(1, int(explicit))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    return max(2, (2 * cpus) // workers)
+
+
+# At most this many live pool processes in this pytest process (2 cores, -n 2: 2 each, 4 in all).
+MAX_POOL_PROCS = _max_pool_procs()
+# The environment of the session, before any test's monkeypatching: the fork server (and so
+# every pool worker) starts from it, whichever test happens to start it.
+_SESSION_ENV = dict(os.environ)
+_CTX: Optional[Any] = None
+_STATS: Counter = Counter()
+
+
+def mp_context() -> Any:
+    """The multiprocessing context for test processes: a fork server that imported torch once
+    (children start in a fraction of a second, each importing syncbn and the test module afresh),
+    else spawn where there is no fork server. Functions run in its children must be importable."""
+    global _CTX
+    if _CTX is None:
+        if "forkserver" in mp.get_all_start_methods():
+            from multiprocessing import forkserver
+
+            ctx = mp.get_context("forkserver")
+            # torch._dynamo is most of `import syncbn` (its compile hooks); pytest every test module.
+            ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "pytest"])
+            saved = dict(os.environ)
+            os.environ.clear()
+            os.environ.update(_SESSION_ENV)
+            try:
+                forkserver.ensure_running()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        else:
+            ctx = mp.get_context("spawn")
+        _CTX = ctx
+    return _CTX
+
+
+def pool_stats() -> dict[str, int]:
+    """Counts for this pytest process: ``started W=k`` pools, ``closed by cap``, ``closed after failure``."""
+    return dict(_STATS)
 
 
 class DistributedTestError(AssertionError):
@@ -69,7 +138,8 @@ def _worker_main(rank: int, world_size: int, store_path: str, tasks: Any, result
 
 class _Pool:
     def __init__(self, world_size: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = mp_context()
+        _STATS[f"started W={world_size}"] += 1
         self.world_size = world_size
         self.tmpdir = tempfile.mkdtemp(prefix=f"syncbn-pool{world_size}-")
         store_path = os.path.join(self.tmpdir, "store")
@@ -137,11 +207,15 @@ class _Pool:
         replies = self._collect(timeout, fn.__qualname__)
         if any(status == "error" for _, status, _ in replies):
             # Ranks that raised may have left peers mid-collective: start over with a fresh group.
+            _STATS["closed after failure"] += 1
             self.close()
             raise DistributedTestError(
                 self._format(replies, f"{fn.__qualname__} failed on world size {self.world_size}")
             )
         return [payload for _, _, payload in replies]
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
 
     def close(self) -> None:
         for q in self.tasks:
@@ -158,7 +232,24 @@ class _Pool:
         _POOLS.pop(self.world_size, None)
 
 
+# Live pools by world size, least recently used first.
 _POOLS: dict[int, _Pool] = {}
+
+
+def _pool(world_size: int) -> _Pool:
+    pool = _POOLS.pop(world_size, None)
+    if pool is not None and not pool.alive():  # a worker died between tests (a test killed it)
+        _STATS["closed after failure"] += 1
+        pool.close()
+        pool = None
+    if pool is None:
+        # Make room: close the least recently used pools while the new one would exceed the cap.
+        while _POOLS and sum(_POOLS) + world_size > MAX_POOL_PROCS:
+            _STATS["closed by cap"] += 1
+            next(iter(_POOLS.values())).close()
+        pool = _Pool(world_size)
+    _POOLS[world_size] = pool  # most recently used last
+    return pool
 
 
 def run_on_ranks(
@@ -169,10 +260,7 @@ def run_on_ranks(
     ``fn`` must be importable (a module-level function). Returns the per-rank results in rank
     order; raises :class:`DistributedTestError` with every failing rank's traceback.
     """
-    pool = _POOLS.get(world_size)
-    if pool is None:
-        pool = _POOLS[world_size] = _Pool(world_size)
-    return pool.run(fn, args, kwargs, timeout)
+    return _pool(world_size).run(fn, args, kwargs, timeout)
 
 
 @atexit.register
