@@ -11,7 +11,6 @@ everywhere else the group's timeout is generous, so a slow, loaded machine canno
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 import os
 
 import pytest
@@ -22,7 +21,7 @@ from torch import nn
 import syncbn
 from syncbn import comm
 
-from .harness import run_on_ranks
+from .harness import mp_context, run_on_ranks
 from .parity import assert_close
 
 # A group timeout the test expects to expire (a peer that never joins).
@@ -250,7 +249,7 @@ def _exiting_worker(rank, world_size, store_path, out_path):
 
 
 def test_peer_that_exits_makes_others_fail_within_timeout(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()  # fresh processes, forked from one that has imported torch
     out = tmp_path / "rank0.txt"
     procs = [
         ctx.Process(target=_exiting_worker, args=(r, 2, str(tmp_path / "store"), str(out)))

@@ -7,9 +7,10 @@
 5. a rank waiting for a straggler burning a core;
 6. a rank killed during channel setup leaving its file in /dev/shm.
 
-Tests that need processes in other namespaces (or to kill a rank) start fresh processes running
-this file as a script (``python -m tests.test_shm worker MODE RANK WORLD STORE OUT``); the others
-use the shared worker pool of tests/harness.py.
+Tests that need processes in other namespaces start fresh processes running this file as a script
+(``python -m tests.test_shm worker MODE RANK WORLD STORE OUT``): the slow tier. The fast tier covers
+2 and 3 in the shared worker pool of tests/harness.py, with one rank made to see another PID
+namespace or a full /dev/shm; a rank to be killed is a process forked from the harness's fork server.
 """
 
 from __future__ import annotations
@@ -292,6 +293,70 @@ def test_files_of_dead_creators_are_removed():
             p.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- 2, 3 in the pool (fast tier)
+
+
+def _captured(caught) -> list[str]:
+    return [str(w.message) for w in caught if "shared-memory" in str(w.message)]
+
+
+def _other_pid_namespace(rank, world_size):
+    """Rank 1 reports another PID namespace, as from its own container sharing IPC and network."""
+    import warnings
+
+    real = _shm._pid_namespace
+    if rank == 1:
+        _shm._pid_namespace = lambda: real() + 1
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            group = dist.new_group(list(range(world_size)))
+            sums = [comm.all_reduce_sum(_mine(rank), group)[0].item() for _ in range(2)]
+        return {"sums": sums, "channel": _channel(group) is not None, "warnings": _captured(caught)}
+    finally:
+        _shm._pid_namespace = real
+
+
+def test_other_pid_namespace_falls_back_quietly():
+    """Fast stand-in for test_ranks_in_different_pid_namespaces_fall_back."""
+    for res in run_on_ranks(2, _other_pid_namespace):
+        assert res == {"sums": [3.0, 3.0], "channel": False, "warnings": []}, res
+
+
+def _no_room_in_dev_shm(rank, world_size):
+    """Rank 0 (the one reserving the memory) finds /dev/shm full."""
+    import errno
+    import warnings
+
+    real_fallocate, real_warned = os.posix_fallocate, _shm._warned
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    _shm._warned = False  # an earlier test in this worker may have warned already
+    if rank == 0:
+        os.posix_fallocate = full
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            group = dist.new_group(list(range(world_size)))
+            sums = [comm.all_reduce_sum(_mine(rank), group)[0].item() for _ in range(2)]
+        mine = [f for f in os.listdir(_shm.shm_dir()) if f.startswith("syncbn-") and f"-{os.getpid()}-" in f]
+        return {"sums": sums, "channel": _channel(group) is not None, "warnings": _captured(caught), "left": mine}
+    finally:
+        os.posix_fallocate, _shm._warned = real_fallocate, real_warned
+
+
+def test_full_dev_shm_falls_back_with_one_warning_in_the_pool():
+    """Fast stand-in for test_full_dev_shm_falls_back_with_one_warning (no SIGBUS, one warning)."""
+    results = run_on_ranks(2, _no_room_in_dev_shm)
+    for res in results:
+        assert res["sums"] == [3.0, 3.0] and res["channel"] is False and res["left"] == [], res
+    # One warning, on the rank that tried to reserve the memory, saying why.
+    assert [len(r["warnings"]) for r in results] == [1, 0], results
+    assert "could not reserve" in results[0]["warnings"][0] and _shm.shm_dir() in results[0]["warnings"][0]
+
+
 # ---------------------------------------------------------------- fresh processes
 
 
@@ -411,15 +476,23 @@ def test_full_dev_shm_falls_back_with_one_warning(tmp_path):
     assert "could not reserve" in results[0]["warnings"][0] and "/dev/shm" in results[0]["warnings"][0]
 
 
+def _forked_worker(mode: str, rank: int, world: int, store: str, out: str) -> None:
+    os.environ.pop("SYNCBN_SHM", None)
+    _worker(mode, rank, world, store, out)
+
+
 def test_rank_killed_during_setup_leaves_no_file(tmp_path):
     """SIGTERM (what torchrun sends the other workers when one fails) while the channel is set up."""
+    from .harness import mp_context
+
+    ctx = mp_context()  # forked from a process that has imported torch: no start-up cost
     store = tmp_path / "store"
     procs = [
-        subprocess.Popen(
-            _command("setup_kill", r, 2, store, tmp_path / f"out{r}"), cwd=ROOT, env=_env(), start_new_session=True
-        )
+        ctx.Process(target=_forked_worker, args=("setup_kill", r, 2, str(store), str(tmp_path / f"out{r}")))
         for r in range(2)
     ]
+    for p in procs:
+        p.start()
     pid0 = procs[0].pid
     folder = _shm.shm_dir()
 
@@ -428,18 +501,24 @@ def test_rank_killed_during_setup_leaves_no_file(tmp_path):
 
     try:
         deadline = time.monotonic() + 60
-        while not (tmp_path / "out0.calling").exists() and time.monotonic() < deadline:
-            assert procs[0].poll() is None, "rank 0 exited before the setup"
+        while not (tmp_path / "out0.calling").exists():
+            assert procs[0].is_alive(), f"rank 0 exited before the setup (exit code {procs[0].exitcode})"
+            assert time.monotonic() < deadline, "rank 0 never reached the setup"
             time.sleep(0.05)
-        # Rank 0 is in the setup now (its peer never comes): give it time to make a file, then kill.
-        deadline = time.monotonic() + 1.5
-        while not files() and time.monotonic() < deadline:
+        # Rank 0 is in the setup now (its peer never comes). A file made before every rank has
+        # arrived would appear now; none may (the file is created after the rendezvous).
+        for _ in range(30):
+            assert files() == [], f"a file before every rank arrived: {files()}"
             time.sleep(0.01)
-        procs[0].send_signal(signal.SIGTERM)
-        procs[0].wait(timeout=10)
+        procs[0].terminate()  # SIGTERM
+        procs[0].join(timeout=30)
+        assert procs[0].exitcode == -signal.SIGTERM, procs[0].exitcode
         assert files() == [], f"left in {folder}: {files()}"
     finally:
-        _finish(procs, 0)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=30)
         for f in files():
             os.unlink(os.path.join(folder, f))
 
