@@ -11,11 +11,19 @@ Tiers by marker (registered in pyproject.toml):
   named by its node id (``tests/test_elastic.py::test_...``) runs too.
 
 Every slow test has a cheaper stand-in in the fast tier for the behaviour it checks.
+
+Order: tests that run on worker pools of 3 or more ranks (by their ``world_size`` parameter, or a
+literal ``run_on_ranks(N, ...)`` in their body) run after the others, by world size, so that the
+harness's pool cap closes and restarts pools a few times per run instead of at every change of
+world size (a restart costs under a second; importing the test module in the new ranks can cost
+more).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 from collections import Counter
 
@@ -40,7 +48,25 @@ def _named(config: pytest.Config) -> set[str]:
     return named
 
 
+_RUN_ON_RANKS = re.compile(r"run_on_ranks\(\s*(\d+)\s*,")
+
+
+def _world_size(item: pytest.Item) -> int:
+    """The world size of the pool a test uses, as far as collection can tell (2 when unknown)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and isinstance(callspec.params.get("world_size"), int):
+        return callspec.params["world_size"]
+    fn = getattr(item, "function", None)
+    try:
+        sizes = [int(n) for n in _RUN_ON_RANKS.findall(inspect.getsource(fn))] if fn else []
+    except (OSError, TypeError):
+        sizes = []
+    return max(sizes, default=2)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Stable: within one world size the collection order stays.
+    items.sort(key=lambda item: max(_world_size(item), 2))
     if config.option.markexpr:  # the user chose the tier
         return
     named = _named(config)

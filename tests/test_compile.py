@@ -191,6 +191,7 @@ def _autocast_parity(rank: int, world_size: int, backend: str) -> None:
         model.zero_grad()
 
 
+@pytest.mark.slow
 def test_bf16_autocast_compiled():
     for backend in ("aot_eager", "inductor"):
         run_on_ranks(2, _autocast_parity, backend, timeout=300)

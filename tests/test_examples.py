@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+import runpy
 import sys
 from pathlib import Path
 
@@ -142,6 +143,27 @@ def test_train_resnet_errors_say_what_to_do(tmp_path: Path, monkeypatch) -> None
         train_resnet.parse_args(["--resume"])  # no PATH and no --checkpoint-dir
 
 
+def test_train_resnet_as_script_in_this_process(tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """Fast stand-in for the plain `python examples/train_resnet.py` run: the file run as __main__."""
+    _single_process(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["examples/train_resnet.py", "--epochs", "1", "--width", "4", "--batch-size",
+                                      "64", "--limit-train", "128", "--norm", "bn", "--checkpoint-dir", str(tmp_path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runpy.run_path(str(REPO / "examples" / "train_resnet.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "world_size=1 backend=none device=cpu norm=bn batch_per_rank=64", out
+    assert (tmp_path / "last.pt").is_file()
+    # A resume of a finished run with changed settings is refused with the differences named.
+    with pytest.raises(ValueError, match=r"expected the settings of the run that wrote it.*--width 4 -> 8"):
+        train_resnet.main(["--epochs", "1", "--width", "8", "--batch-size", "64", "--limit-train", "128",
+                           "--norm", "bn", "--checkpoint-dir", str(tmp_path), "--resume"])
+
+
+@pytest.mark.slow
 def test_train_resnet_runs_as_plain_python_script(tmp_path: Path, monkeypatch) -> None:
     out = run([sys.executable, "examples/train_resnet.py", "--epochs", "1", "--width", "4", "--batch-size", "64",
                "--limit-train", "256", "--norm", "bn", "--checkpoint-dir", str(tmp_path)])

@@ -1,0 +1,67 @@
+"""Fast-tier stand-ins for test_compile.py's slow tests (``-m slow``), on the same helpers.
+
+- test_converted_resnet_is_one_graph (ResNet-18): a small converted net with a residual block is
+  one graph with no break, and its fullgraph compile equals eager;
+- test_bf16_autocast_compiled (aot_eager and inductor): the aot_eager half;
+- test_compiled_layers_equal_eager_inductor: test_compiled_layers_equal_eager_aot_eager (every
+  option, the same parity through aot_eager) stays in the fast tier.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import syncbn
+
+from .harness import run_on_ranks
+from .parity import assert_close
+from .test_compile import TOL, _autocast_parity, _compare, _reset
+
+
+class _ResidualNet(nn.Module):
+    """conv-BN-ReLU, a residual block of two conv-BN, pool, linear: ResNet's shape, a few layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.block(x)))
+
+
+def _small_model_no_breaks(rank: int, world_size: int) -> None:
+    _reset()
+    torch.manual_seed(0)
+    model = syncbn.convert_sync_bn(_ResidualNet()).double().train()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64) + rank
+    explained = torch._dynamo.explain(copy.deepcopy(model))(x)
+    reasons = [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
+    _reset()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        xe = (x + step).requires_grad_()
+        xc = (x + step).requires_grad_()
+        ye, yc = eager(xe), compiled(xc)
+        assert_close(yc, ye, TOL, f"step {step} logits")
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        assert_close(xc.grad, xe.grad, TOL, f"step {step} grad_input")
+        _compare(eager, model, f"step {step}")
+
+
+def test_converted_residual_net_is_one_graph():
+    run_on_ranks(2, _small_model_no_breaks, timeout=300)
+
+
+def test_bf16_autocast_compiled_aot_eager():
+    run_on_ranks(2, _autocast_parity, "aot_eager", timeout=300)
