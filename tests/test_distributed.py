@@ -1,4 +1,7 @@
-"""syncbn.distributed (environment parsing, the no-launcher context) and the launch/ scripts."""
+"""syncbn.distributed (environment parsing, the no-launcher context) and the launch/ scripts.
+
+The fast tier starts torchrun.sh with a probe; the runs through multinode.sh (two agents, and one
+node under SLURM) are the slow tier (``-m slow``)."""
 
 from __future__ import annotations
 
@@ -101,6 +104,14 @@ def _probe_lines(out: str) -> list[str]:
     return sorted(line for line in out.splitlines() if line.startswith("probe "))
 
 
+def test_launch_scripts_parse() -> None:
+    """Every launch script is valid bash to its end (the fast tier runs only torchrun.sh in full)."""
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert {"launch/torchrun.sh", "launch/multinode.sh", "launch/slurm.sbatch", "launch/accelerate.sh"} <= set(scripts)
+    for script in scripts:
+        run(["bash", "-n", script])
+
+
 def test_launch_scripts_explain_missing_arguments() -> None:
     for script in ("launch/torchrun.sh", "launch/accelerate.sh"):
         out = run(["bash", script], expect_rc=2)
@@ -159,6 +170,7 @@ def test_multinode_sh_two_nodes_on_one_machine() -> None:
     ], out0 + out1
 
 
+@pytest.mark.slow
 def test_slurm_sbatch_runs_multinode_per_node(tmp_path: Path) -> None:
     # Stand-ins for srun and scontrol: a one-node allocation on this machine.
     fake = tmp_path / "bin"

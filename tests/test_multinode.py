@@ -34,9 +34,9 @@ from typing import Iterator, NamedTuple, Optional
 
 import pytest
 
-# Slow tier: each test starts torchrun agents and workers in namespaces (the fast tier covers
-# multinode.sh through test_distributed's one-node SLURM run and the transport's fallbacks in
-# test_shm).
+# Slow tier: each test starts torchrun agents and workers in namespaces. The fast tier covers the
+# pieces: the transport's fallbacks between PID namespaces (test_shm), a group spanning sub-groups
+# (test_batchnorm's groups of two), launch scripts that parse and explain (test_distributed).
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
