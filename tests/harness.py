@@ -45,6 +45,8 @@ TEST_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_TIMEOUT", "120"))
 # Gloo's own timeout for a collective some rank never joins.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SYNCBN_COLLECTIVE_TIMEOUT", "60"))
 _START_TIMEOUT_S = 120.0
+# An idle worker checks this often that the process that started it still runs.
+_IDLE_CHECK_S = 5.0
 
 
 def _max_pool_procs() -> int:
@@ -123,8 +125,14 @@ def _worker_main(rank: int, world_size: int, store_path: str, tasks: Any, result
         results.put((rank, "error", traceback.format_exc()))
         return
     results.put((rank, "ready", None))
+    parent = mp.parent_process()  # the pytest process (not the fork server)
     while True:
-        item = tasks.get()
+        try:
+            item = tasks.get(timeout=_IDLE_CHECK_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():  # pytest was killed: do not linger
+                os._exit(0)
+            continue
         if item is None:
             break
         fn, args, kwargs = item
