@@ -234,7 +234,7 @@ def _probe(mode: str, out_dir: str) -> None:
     for _ in range(2 if mode == "late" else 1):
         ref(x_all)
     res["world_ref"] = [ref.running_mean.tolist(), ref.running_var.tolist()]
-    res["world_shm"] = comm._channels.get(comm._group_key(None), (None, None))[1] is not None
+    res["world_shm"] = comm._channels.get(id(comm._resolve(None)), (None, None))[1] is not None
     if mode != "late":
         group = syncbn.new_sync_groups(2)
         sub = syncbn.SyncBatchNorm(3, process_group=group)
@@ -245,7 +245,7 @@ def _probe(mode: str, out_dir: str) -> None:
         ref_sub(x_all[first : first + 8])
         res["sub_ref"] = [ref_sub.running_mean.tolist(), ref_sub.running_var.tolist()]
         res["sub_var"] = sub.running_var.tolist()
-        res["sub_shm"] = comm._channels.get(comm._group_key(group), (None, None))[1] is not None
+        res["sub_shm"] = comm._channels.get(id(comm._resolve(group)), (None, None))[1] is not None
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     if mode == "loop":
         # Keep exchanging statistics until a peer is lost: then this rank must raise.

@@ -43,7 +43,7 @@ needs_root = pytest.mark.skipif(
 
 
 def _channel(group=None):
-    entry = comm._channels.get(comm._group_key(group))
+    entry = comm._channels.get(id(comm._resolve(group)))
     return None if entry is None else entry[1]
 
 
