@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 __all__ = [
     "run_on_ranks",
+    "run_on_fresh_ranks",
     "DistributedTestError",
     "TEST_TIMEOUT_S",
     "COLLECTIVE_TIMEOUT_S",
@@ -237,11 +238,19 @@ class _Pool:
                 p.kill()
                 p.join(timeout=5)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
-        _POOLS.pop(self.world_size, None)
+        if _POOLS.get(self.world_size) is self:
+            del _POOLS[self.world_size]
 
 
 # Live pools by world size, least recently used first.
 _POOLS: dict[int, _Pool] = {}
+
+
+def _make_room(world_size: int) -> None:
+    """Close the least recently used pools while a new pool of ``world_size`` would exceed the cap."""
+    while _POOLS and sum(_POOLS) + world_size > MAX_POOL_PROCS:
+        _STATS["closed by cap"] += 1
+        next(iter(_POOLS.values())).close()
 
 
 def _pool(world_size: int) -> _Pool:
@@ -251,10 +260,7 @@ def _pool(world_size: int) -> _Pool:
         pool.close()
         pool = None
     if pool is None:
-        # Make room: close the least recently used pools while the new one would exceed the cap.
-        while _POOLS and sum(_POOLS) + world_size > MAX_POOL_PROCS:
-            _STATS["closed by cap"] += 1
-            next(iter(_POOLS.values())).close()
+        _make_room(world_size)
         pool = _Pool(world_size)
     _POOLS[world_size] = pool  # most recently used last
     return pool
@@ -269,6 +275,23 @@ def run_on_ranks(
     order; raises :class:`DistributedTestError` with every failing rank's traceback.
     """
     return _pool(world_size).run(fn, args, kwargs, timeout)
+
+
+def run_on_fresh_ranks(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = TEST_TIMEOUT_S, **kwargs: Any
+) -> list[Any]:
+    """:func:`run_on_ranks` on a group of new processes, closed afterwards (about a second more).
+
+    For tests whose outcome could depend on what earlier tests left in a shared worker (module
+    caches, torch._dynamo state, a first call that fills a cache eagerly): they start from fresh
+    imports, as a user's first step does.
+    """
+    _make_room(world_size)
+    pool = _Pool(world_size)
+    try:
+        return pool.run(fn, args, kwargs, timeout)
+    finally:
+        pool.close()
 
 
 @atexit.register

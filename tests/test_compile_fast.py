@@ -5,6 +5,10 @@
 - test_bf16_autocast_compiled (aot_eager and inductor): the aot_eager half;
 - test_compiled_layers_equal_eager_inductor: test_compiled_layers_equal_eager_aot_eager (every
   option, the same parity through aot_eager) stays in the fast tier.
+
+Each runs on fresh processes (``run_on_fresh_ranks``): a compiled first step must not depend on
+what earlier tests left in a shared worker (an eager step that filled a module cache the compiled
+step would otherwise have to fill while being traced).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 import syncbn
 
-from .harness import run_on_ranks
+from .harness import run_on_fresh_ranks
 from .parity import assert_close
 from .test_compile import TOL, _autocast_parity, _compare, _reset
 
@@ -60,8 +64,8 @@ def _small_model_no_breaks(rank: int, world_size: int) -> None:
 
 
 def test_converted_residual_net_is_one_graph():
-    run_on_ranks(2, _small_model_no_breaks, timeout=300)
+    run_on_fresh_ranks(2, _small_model_no_breaks, timeout=300)
 
 
 def test_bf16_autocast_compiled_aot_eager():
-    run_on_ranks(2, _autocast_parity, "aot_eager", timeout=300)
+    run_on_fresh_ranks(2, _autocast_parity, "aot_eager", timeout=300)
