@@ -85,6 +85,20 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"tier: fast (tests marked slow are deselected; {_SLOW_HINT})"
 
 
+@pytest.fixture
+def forked_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks' worker processes (benchmarks/_spawn.py) forked from the harness's fork server,
+    which has imported torch, instead of spawned: a smoke run checks what they compute, not how
+    fast a process starts (saves a torch import per rank)."""
+    import types
+
+    from benchmarks import _spawn
+
+    from .harness import mp_context
+
+    monkeypatch.setattr(_spawn, "mp", types.SimpleNamespace(get_context=lambda method: mp_context()))
+
+
 def _harness_stats() -> dict[str, int]:
     harness = sys.modules.get("tests.harness")
     return harness.pool_stats() if harness is not None else {}

@@ -17,7 +17,7 @@ from examples.models import resnet18
 from .harness import run_on_ranks
 
 
-def test_bench_layer_smoke(tmp_path):
+def test_bench_layer_smoke(tmp_path, forked_benchmarks):
     out = tmp_path / "layer.json"
     rows = bench_layer.main(
         ["--world-sizes", "2", "--shapes", "4x8x5x5", "128x16", "--reps", "2", "--warmup", "1", "--json", str(out), "--timeout", "120"]
@@ -32,7 +32,7 @@ def test_bench_layer_smoke(tmp_path):
         assert ours["error_at_mean_1e4"] <= 2 * torch_err + 1e-6, (ours, torch_err)
 
 
-def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path):
+def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path, forked_benchmarks):
     result = bench_resnet.main(["--width", "8", "--batch", "2", "--image", "8", "--steps", "2", "--warmup", "1", "--timeout", "120"])
     ours, local = result["impls"]["syncbn"], result["impls"]["local BN"]
     layers = result["bn_layers"]
@@ -46,7 +46,7 @@ def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_resnet_compiled_rows_are_one_graph():
+def test_bench_resnet_compiled_rows_are_one_graph(forked_benchmarks):
     result = bench_resnet.main(
         ["--width", "8", "--batch", "2", "--image", "8", "--steps", "2", "--warmup", "1", "--timeout", "240",
          "--compile", "aot_eager"]

@@ -523,7 +523,7 @@ def test_rank_killed_during_setup_leaves_no_file(tmp_path):
             os.unlink(os.path.join(folder, f))
 
 
-def test_bench_transport_smoke(tmp_path):
+def test_bench_transport_smoke(tmp_path, forked_benchmarks):
     from benchmarks import bench_transport
 
     out = tmp_path / "transport.json"
