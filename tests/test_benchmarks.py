@@ -1,7 +1,7 @@
 """The benchmarks run end to end at tiny sizes, and what they count is what the design promises.
 
-Runs that compile are the slow tier (``-m slow``), with fast stand-ins here: gpu_check's cases on
-two ranks of the worker pool (its --dry-run runs them in fresh processes, in tests/test_gpu_check.py).
+Runs that compile are the slow tier (``-m slow``), with fast stand-ins: the compiled ResNet rows by
+tests/test_compile_fast.py's one-graph residual net, gpu_check's compiled cases here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from benchmarks import bench_layer, bench_resnet
 from examples.models import resnet18
 
-from .harness import run_on_ranks
+from .harness import run_on_fresh_ranks
 
 
 def test_bench_layer_smoke(tmp_path, forked_benchmarks):
@@ -57,24 +57,21 @@ def test_bench_resnet_compiled_rows_are_one_graph(forked_benchmarks):
     assert ours["syncbn_collectives"] == 2 * result["bn_layers"] and ours["median_step_ms"] > 0
 
 
-def _gpu_check_cases(rank, world_size):
+def _gpu_check_compiled(rank, world_size):
     from benchmarks import gpu_check
 
-    results = [gpu_check.run_case(case, rank, world_size, "cpu") for case in gpu_check.CASES]
-    results.append(gpu_check.check_compiled("cpu", world_size))
-    return [(r["case"], r["ok"], r["failed"]) for r in results]
+    return [gpu_check.check_compiled("cpu", world_size, dynamic=dynamic) for dynamic in (False, True)]
 
 
-def test_gpu_check_cases_on_two_ranks():
-    """Fast stand-in for test_gpu_check_dry_run: every case, and the compiled (aot_eager) model."""
+def test_gpu_check_compiled_cases_on_two_ranks():
+    """Fast stand-in for the compiled part of test_gpu_check's end-to-end run (its cases run fast
+    in test_gpu_check): the converted net compiled fullgraph, static and dynamic shapes, equals
+    eager; on fresh ranks, as the script's own processes are. Without a group (this process),
+    syncbn equals torch bit for bit."""
     from benchmarks import gpu_check
 
-    per_rank = run_on_ranks(2, _gpu_check_cases, timeout=300)
-    assert len(per_rank[0]) == len(gpu_check.CASES) + 1
-    for rank, results in enumerate(per_rank):
-        failed = [(case, why) for case, ok, why in results if not ok]
+    for rank, results in enumerate(run_on_fresh_ranks(2, _gpu_check_compiled, timeout=300)):
+        failed = [(r["case"], r["failed"]) for r in results if not r["ok"]]
         assert not failed, f"rank {rank}: {failed}"
-    # In this process there is no group: syncbn must equal torch bit for bit, and on CPU it runs
-    # no fused CUDA kernel.
-    for res in gpu_check.check_no_group("cpu") + [gpu_check.check_kernels("cpu")]:
+    for res in gpu_check.check_no_group("cpu"):
         assert res["ok"], res
