@@ -24,6 +24,8 @@ __all__ = [
     "LayerConfig",
     "ModelConfig",
     "CompileConfig",
+    "ErrorConfig",
+    "error_configs",
     "KNOWN_FAILURES",
     "REGIONS",
     "known_failure",
@@ -50,6 +52,7 @@ KNOWN_FAILURES: set[str] = {
     "half_parameters_synced",
     "half_grad_sums_strided",
     "debias_zero_momentum",
+    "rank_local_input_error",
 }
 
 
@@ -173,16 +176,42 @@ class CompileConfig:
     ``model``: ``"layer"`` (one SyncBatchNorm on (N, C, L)), ``"downsample"`` (a ResNet downsample
     block: two parallel BNs of equal width) or ``"convnet"``. ``sizes[k][r]`` is rank r's batch size
     at step k (shapes change between steps; 0 and 1 make dynamo specialize, so ranks compile
-    different graphs). ``dynamic``: torch.compile's ``dynamic`` argument.
+    different graphs). ``dynamic``: torch.compile's ``dynamic`` argument. ``wrap="ddp"``:
+    ``torch.compile(DDP(model))``.
     """
 
     world: int = 2
     backend: str = "aot_eager"
     model: str = "layer"
-    sizes: tuple[tuple[int, ...], ...] = ((2, 2),)
+    sizes: tuple[tuple[int, ...], ...] = ((2, 2), (2, 2))
     dynamic: Optional[bool] = None
-    ddp: bool = False
+    wrap: str = "none"
     seed: int = 0
+    # The model family's switches, fixed here (the compiled run shares its runner and reference).
+    width: int = 4
+    hooks: Optional[str] = None
+    checkpoint: Optional[str] = None
+    penalty: bool = False
+    fx: bool = False
+    revert: bool = False
+    momentum: Optional[float] = 0.1
+
+
+@dataclass(frozen=True)
+class ErrorConfig:
+    """Inputs that torch's layer refuses, on ``bad`` ranks (the others get a good (2, C, 4) input).
+
+    ``kind``: ``"channels"`` (C + 1 channels), ``"rank1"`` (a 1-D input), ``"integer"`` (an int64
+    input), ``"eps"`` (the layer built with eps=0, every rank). ``debug``: consistency mode
+    (``syncbn.set_debug(True)``), whose purpose is to turn rank-dependent mismatches into a
+    ValueError on every rank. The promise: ValueError on every rank, no rank left waiting.
+    """
+
+    world: int = 2
+    bad: tuple[int, ...] = (0, 1)
+    kind: str = "channels"
+    debug: bool = False
+    train: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +300,12 @@ def _debias_zero(c: object) -> bool:
     return isinstance(c, LayerConfig) and c.debias and c.momentum == 0.0 and c.track
 
 
+def _partial_errors(c: object) -> bool:
+    """An input error on some ranks only, in training with 2+ ranks, in consistency mode: the
+    bad rank raises its own ValueError before the consistency check, the others wait."""
+    return isinstance(c, ErrorConfig) and c.train and c.world > 1 and len(set(c.bad)) < c.world
+
+
 REGIONS: dict[str, Callable[[object], bool]] = {
     "track_running_stats_toggle": _layer_steps_before_eval_toggle_off,
     "large_mean_variance": _large_mean,
@@ -283,6 +318,7 @@ REGIONS: dict[str, Callable[[object], bool]] = {
     "half_parameters_synced": _half_parameters,
     "half_grad_sums_strided": _half_strided,
     "debias_zero_momentum": _debias_zero,
+    "rank_local_input_error": _partial_errors,
 }
 
 
@@ -451,7 +487,7 @@ def _compile_config(draw: st.DrawFn, backends: tuple[str, ...], max_world: int, 
         model=draw(st.sampled_from(["layer", "downsample", "convnet"])),
         sizes=sizes,
         dynamic=draw(st.sampled_from([None, None, False])),
-        ddp=draw(st.sampled_from([False, False, True])),
+        wrap=draw(st.sampled_from(["none", "none", "ddp"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -460,3 +496,23 @@ def compile_configs(
     backends: tuple[str, ...] = ("eager", "aot_eager", "inductor"), max_world: int = 3, max_steps: int = 3
 ) -> st.SearchStrategy[CompileConfig]:
     return _compile_config(backends, max_world, max_steps).filter(_unknown)
+
+
+@st.composite
+def _error_config(draw: st.DrawFn, max_world: int) -> ErrorConfig:
+    world = draw(st.integers(1, max_world))
+    kind = draw(st.sampled_from(["channels", "rank1", "integer", "eps"]))
+    if kind == "eps":
+        bad = tuple(range(world))
+    else:
+        bad = tuple(sorted(draw(st.sets(st.integers(0, world - 1), min_size=1))))
+    train = draw(st.sampled_from([True, True, False]))
+    # An input error on some ranks only, in training, can only fail on every rank in consistency
+    # mode (without it nothing tells the good ranks): generated with debug=True only.
+    partial = train and world > 1 and len(bad) < world
+    debug = True if partial else draw(st.booleans())
+    return ErrorConfig(world=world, bad=bad, kind=kind, debug=debug, train=train)
+
+
+def error_configs(max_world: int = 4) -> st.SearchStrategy[ErrorConfig]:
+    return _error_config(max_world).filter(_unknown)

@@ -22,6 +22,8 @@ __all__ = ["check_layer", "layer_problems", "check_model", "model_problems", "EA
 # A call of a few tiny tensors takes milliseconds; a configuration that has not finished after
 # this long left a rank waiting in a collective (Gloo's own timeout, 60 s, would come later).
 EAGER_TIMEOUT_S = 45.0
+# torch.compile on a loaded 2-core machine: inductor's C++ builds take tens of seconds per graph.
+COMPILE_TIMEOUT_S = 420.0
 
 
 def _fail(config: Any, problems: list[str]) -> None:
@@ -209,14 +211,16 @@ def _model_reference(cfg: Any, state: dict, batches: list, eval_batch: Any) -> d
     return out
 
 
-def model_problems(cfg: Any) -> list[str]:
+def model_problems(cfg: Any, timeout: Optional[float] = None) -> list[str]:
     from .models import build_model, model_batch
     from .ranks import run_model
 
     state = build_model(cfg.model, cfg.width, cfg.momentum, cfg.seed).state_dict()
     batches = [model_batch(cfg.model, cfg.width, sizes, cfg.seed + 1 + k) for k, sizes in enumerate(cfg.sizes)]
     eval_batch = model_batch(cfg.model, cfg.width, cfg.sizes[0], cfg.seed + 999)[0]
-    results, failure = run_config(run_model, cfg, state, batches, eval_batch, timeout=EAGER_TIMEOUT_S)
+    if timeout is None:
+        timeout = COMPILE_TIMEOUT_S if getattr(cfg, "backend", None) else EAGER_TIMEOUT_S
+    results, failure = run_config(run_model, cfg, state, batches, eval_batch, timeout=timeout)
     if failure is not None:
         return [failure]
     exp = _model_reference(cfg, state, batches, eval_batch)
@@ -296,7 +300,44 @@ def model_problems(cfg: Any) -> list[str]:
     return problems
 
 
-def check_model(cfg: Any) -> None:
-    problems = model_problems(cfg)
+def check_model(cfg: Any, timeout: Optional[float] = None) -> None:
+    problems = model_problems(cfg, timeout)
+    if problems:
+        _fail(cfg, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error family
+# ---------------------------------------------------------------------------------------------
+
+# A call that raises before its collective returns in milliseconds: no answer after this long
+# means a rank was left waiting.
+ERROR_TIMEOUT_S = 20.0
+
+
+def error_problems(cfg: Any, timeout: float = ERROR_TIMEOUT_S) -> list[str]:
+    from .ranks import run_errors
+
+    results, failure = run_config(run_errors, cfg, timeout=timeout)
+    if failure is not None:
+        return [failure]
+    synced = cfg.train and cfg.world > 1
+    problems = []
+    for r, e in enumerate(results):
+        if synced:
+            want = True  # the group fails together
+        elif cfg.kind == "eps":
+            want = cfg.train  # eval with running statistics takes eps=0 (torch does)
+        else:
+            want = r in cfg.bad  # eval never communicates: each rank is torch on its own input
+        if want and (e is None or not e.startswith("ValueError")):
+            problems.append(f"expected ValueError on rank {r}{' (every rank)' if synced else ''}; got {e or 'no error'}"[:600])
+        elif not want and e is not None:
+            problems.append(f"rank {r} raised {e[:400]} where torch computes")
+    return problems
+
+
+def check_errors(cfg: Any, timeout: float = ERROR_TIMEOUT_S) -> None:
+    problems = error_problems(cfg, timeout)
     if problems:
         _fail(cfg, problems)

@@ -23,7 +23,7 @@ import syncbn
 from .configs import LayerConfig
 from .reference import LayerData, dtype_of, layout_signature, set_layout
 
-__all__ = ["run_layer", "run_model", "PoisonedGroup"]
+__all__ = ["run_layer", "run_model", "run_errors", "PoisonedGroup"]
 
 
 class PoisonedGroup(RuntimeError):
@@ -200,6 +200,12 @@ def run_model(rank: int, world: int, cfg: Any, state: dict, batches: list, eval_
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             run = DDP(run)
+        backend = getattr(cfg, "backend", None)
+        if backend is not None:
+            import torch._dynamo as dynamo
+
+            dynamo.reset()
+            run = torch.compile(run, backend=backend, dynamic=cfg.dynamic)
     except Exception as err:
         out["setup_error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
     if _stop(out["setup_error"], world):
@@ -255,3 +261,33 @@ def _stop(error: Optional[str], world: int) -> bool:
     if len(set(out)) > 1:
         raise PoisonedGroup(f"ranks disagree (group restarted): {dict(enumerate(out))}")
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Error family
+# ---------------------------------------------------------------------------------------------
+
+
+def run_errors(rank: int, world: int, cfg: Any) -> Optional[str]:
+    """One training (or eval) call with a bad input on ``cfg.bad`` ranks; returns this rank's error."""
+    c = 3
+    syncbn.set_debug(cfg.debug)
+    try:
+        layer = syncbn.SyncBatchNorm(c, eps=0.0 if cfg.kind == "eps" else 1e-5).double()
+        layer.train(cfg.train)
+        x = torch.randn(2, c, 4, dtype=torch.float64)
+        if rank in cfg.bad:
+            if cfg.kind == "channels":
+                x = torch.randn(2, c + 1, 4, dtype=torch.float64)
+            elif cfg.kind == "rank1":
+                x = torch.randn(c, dtype=torch.float64)
+            elif cfg.kind == "integer":
+                x = torch.randint(0, 5, (2, c, 4))
+        try:
+            y = layer(x.requires_grad_() if x.is_floating_point() else x)
+            y.sum().backward()
+            return None
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+    finally:
+        syncbn.set_debug(None)

@@ -137,3 +137,16 @@ def test_debias_zero_momentum() -> None:
     # running_mean/var turn NaN after the first step (one process already). Expected: the
     # rate's limit 1/t (the cumulative average), or a ValueError at construction.
     check_layer(LayerConfig(world=1, momentum=0.0, debias=True, steps=(Step(sizes=(2,)),)))
+
+
+@pytest.mark.deep
+@pytest.mark.xfail(strict=True, reason="consistency mode: a rank with a wrong channel count raises alone, before the check; its peers wait")
+def test_consistency_mode_rank_local_input_error() -> None:
+    # KNOWN_FAILURES: rank_local_input_error. SYNCBN_DEBUG's documented purpose is a ValueError on
+    # every rank when ranks disagree on the channel count; but SyncBatchNorm.forward's input
+    # check (_check_input) raises on the bad rank before comm.check_consistency runs, so rank 0
+    # waits in the all_gather until the group's timeout.
+    from .configs import ErrorConfig
+    from .driver import check_errors
+
+    check_errors(ErrorConfig(world=2, bad=(1,), kind="channels", debug=True))
