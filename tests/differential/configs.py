@@ -281,11 +281,16 @@ def _hooks(c: object) -> bool:
 
 
 def _compile_order(c: object) -> bool:
-    """Ranks that compile different graphs (batch sizes 0/1 on some ranks only, or a recompile)."""
-    if not isinstance(c, CompileConfig) or c.world < 2:
+    """Ranks that compile different graphs of a model with parallel branches (the downsample
+    block): with inductor, whenever the ranks' batch sizes specialize differently (0 or 1 on
+    some ranks only, or a recompile on some ranks); with eager/aot_eager (measured), whenever
+    some rank is empty while another is not."""
+    if not isinstance(c, CompileConfig) or c.world < 2 or c.model != "downsample":
         return False
-    special = [tuple(n if n in (0, 1) else 2 for n in step) for step in c.sizes]
-    return any(len(set(s)) > 1 for s in special) or len({s for s in special}) > 1
+    if c.backend == "inductor":
+        special = [tuple(n if n in (0, 1) else 2 for n in step) for step in c.sizes]
+        return any(len(set(s)) > 1 for s in special) or len(set(special)) > 1
+    return any(0 in step and any(step) for step in c.sizes)
 
 
 def _half_strided(c: object) -> bool:

@@ -38,6 +38,8 @@ def run_config(fn: Any, config: Any, *args: Any, timeout: float) -> tuple[Option
         return run_on_ranks(config.world, fn, config, *args, timeout=timeout), None
     except DistributedTestError as err:
         text = str(err)
+        if "during start" in text or "failed to start" in text:
+            return None, f"the worker pool did not start (the machine's load?), nothing was tested:\n{text[-2000:]}"
         if "timed out" in text:
             return None, f"a rank was left waiting (no result after {timeout:.0f} s):\n{text[-3000:]}"
         marker = "PoisonedGroup: "

@@ -53,14 +53,20 @@ def _agree(flag: bool, world: int) -> list[bool]:
 
 
 def _finish(world: int, errors: list[Optional[str]]) -> None:
-    """Raise on every rank if any rank met an exception other than ValueError."""
-    # First line and the innermost frames of each: enough to see where it came from.
-    mine = [e.split("\n")[0] + "\n..." + e[-600:] for e in errors if e is not None and not e.startswith("ValueError")]
+    """Raise on every rank (so the harness restarts the group) when the ranks' unexpected
+    exceptions (anything but ValueError) differ, or one came from a collective: the group may
+    hold a half-done collective. The same exception on every rank, away from the collectives,
+    is reported by the parent like any other result."""
+    mine = [e.split("\n")[0][:300] for e in errors if e is not None and not e.startswith("ValueError")]
     out: list[Any] = [None] * world
     dist.all_gather_object(out, mine)
-    bad = {r: v for r, v in enumerate(out) if v}
-    if bad:
-        raise PoisonedGroup(f"unexpected exceptions (group restarted): {bad}")
+    if not any(out):
+        return
+    comm_trouble = any("all_reduce" in e or "all_gather" in e or "timed out" in e.lower() for v in out for e in v)
+    if comm_trouble or any(v != out[0] for v in out):
+        detail = {r: v for r, v in enumerate(out) if v}
+        tails = [e[-600:] for e in errors if e is not None and not e.startswith("ValueError")]
+        raise PoisonedGroup(f"unexpected exceptions (group restarted): {detail}\n{tails[:1]}")
 
 
 def build_layer(cfg: LayerConfig) -> torch.nn.Module:
