@@ -277,7 +277,9 @@ def _fx(c: object) -> bool:
 
 
 def _hooks(c: object) -> bool:
-    return isinstance(c, ModelConfig) and c.hooks == "before"
+    """Hooks on batch norms that a converter replaces: before convert_sync_bn, or before a
+    revert_sync_bn (the issue's list: every converter drops them)."""
+    return isinstance(c, ModelConfig) and (c.hooks == "before" or (c.hooks is not None and c.revert))
 
 
 def _compile_order(c: object) -> bool:

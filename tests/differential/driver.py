@@ -15,7 +15,7 @@ import torch
 from ..harness import DistributedTestError, run_on_ranks
 from .configs import LayerConfig
 from .reference import Expected, LayerReference, compare, dtype_of, layer_data
-from .ranks import run_layer
+from .ranks import ping, run_layer
 
 __all__ = ["check_layer", "layer_problems", "check_model", "model_problems", "EAGER_TIMEOUT_S"]
 
@@ -35,6 +35,7 @@ def _fail(config: Any, problems: list[str]) -> None:
 def run_config(fn: Any, config: Any, *args: Any, timeout: float) -> tuple[Optional[list], Optional[str]]:
     """``run_on_ranks``; a failure or hang comes back as its message (the harness restarts the pool)."""
     try:
+        run_on_ranks(config.world, ping)  # the harness's default timeout covers a cold start
         return run_on_ranks(config.world, fn, config, *args, timeout=timeout), None
     except DistributedTestError as err:
         text = str(err)

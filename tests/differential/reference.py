@@ -12,6 +12,7 @@ otherwise each rank's input flattened to rows of C values and the rows concatena
 
 - ``ref``: float64 parameters, buffers and input: the values syncbn must give;
 - ``own``: the configuration's dtypes (input dtype, parameter dtype), as a user would run torch;
+- ``own`` again for each memory layout the ranks use, with the whole batch in that layout;
 - ``perm``: float64 again, on the batch in reverse sample order, with every input, upstream
   gradient, parameter and buffer value multiplied by ``1 + u * 2**-52`` (``u`` uniform in
   [-1, 1]): float64's rounding noise on this problem (how much one ulp moves the result, which
@@ -52,7 +53,6 @@ rank's own input.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -487,6 +487,13 @@ class LayerReference:
         self.ref = _Engine(cfg, init64, torch.float64, torch.float64, reverse=False)
         self.own = _Engine(cfg, data.init, xd, pd, reverse=False)
         self.perm = _Engine(cfg, _jitter(init64, cfg.seed), torch.float64, torch.float64, reverse=True)
+        # torch in the configuration's dtypes with the whole batch in each other layout that any
+        # rank uses in any call, for the whole sequence of calls (buffers carry their history).
+        self.twins = []
+        for layout in sorted({s.layout_of(r) for s in cfg.steps for r in range(cfg.world)} - {"contiguous"}):
+            twin = _Engine(cfg, data.init, xd, pd, reverse=False)
+            twin.layout = layout
+            self.twins.append(twin)
         self.jitter_seed = cfg.seed
 
     def _natural_scales(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> dict[str, float]:
@@ -538,11 +545,10 @@ class LayerReference:
             return Expected(errors=[_err(err)] * w)
         errors = [_err(o) if isinstance(o, Exception) else None for o in outs["own"]]
         # torch's own error also in each memory layout the ranks use (torch's CPU kernels lose
-        # precision on some, e.g. bfloat16 parameter gradients of a channel-sliced input).
+        # precision on some: bfloat16 parameter gradients of a channel-sliced input, the
+        # bfloat16 running variance of a channels-innermost input).
         extra = []
-        for layout in sorted({step.layout_of(r) for r in range(w)} - {"contiguous"}):
-            twin = copy.deepcopy(self.own)
-            twin.layout = layout
+        for twin in self.twins:
             try:
                 res = twin.call(step, xs, gs)
             except Exception:

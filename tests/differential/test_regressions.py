@@ -84,6 +84,13 @@ def test_hooks_lost_in_conversion() -> None:
     check_model(ModelConfig(world=2, model="convnet", sizes=((2, 3),), hooks="before"))
 
 
+@pytest.mark.xfail(strict=True, reason="revert_sync_bn drops the hooks registered on the synchronized layers")
+def test_hooks_lost_in_revert() -> None:
+    # KNOWN_FAILURES: hooks_lost_in_conversion. Hooks registered after convert_sync_bn work in
+    # training; after revert_sync_bn the eval output is off by 0.16 (one process already).
+    check_model(ModelConfig(world=1, model="convnet", sizes=((1,),), width=2, hooks="after", revert=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # Found by the harness
 # ------------------------------------------------------------------------------------------------
