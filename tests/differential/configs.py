@@ -53,6 +53,7 @@ KNOWN_FAILURES: set[str] = {
     "half_grad_sums_strided",
     "debias_zero_momentum",
     "rank_local_input_error",
+    "inf_running_stats_nan",
 }
 
 
@@ -313,6 +314,16 @@ def _partial_errors(c: object) -> bool:
     return isinstance(c, ErrorConfig) and c.train and c.world > 1 and len(set(c.bad)) < c.world
 
 
+def _inf_input(c: object) -> bool:
+    """An infinite input value while tracking running statistics on syncbn's path."""
+    return (
+        isinstance(c, LayerConfig)
+        and c.track
+        and _syncs(c)
+        and any(s.nonfinite is not None and s.nonfinite[1] != "nan" for s in c.steps)
+    )
+
+
 REGIONS: dict[str, Callable[[object], bool]] = {
     "track_running_stats_toggle": _layer_steps_before_eval_toggle_off,
     "large_mean_variance": _large_mean,
@@ -326,6 +337,7 @@ REGIONS: dict[str, Callable[[object], bool]] = {
     "half_grad_sums_strided": _half_strided,
     "debias_zero_momentum": _debias_zero,
     "rank_local_input_error": _partial_errors,
+    "inf_running_stats_nan": _inf_input,
 }
 
 

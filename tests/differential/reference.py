@@ -241,6 +241,10 @@ class _Engine:
                     out.append(err)
             return out
         count = sum(x.numel() // max(x.shape[1], 1) for x in xs)
+        if step.train and not self.cfg.eps > 0:
+            # torch checks eps in every training forward; so does syncbn, also where a fallback
+            # would normalize with the running statistics.
+            raise ValueError(f"reference: eps must be positive during training, got {self.cfg.eps}")
         if step.train and 0 < count < self.cfg.min_count:
             if self.cfg.fallback == "running" and buffers:
                 tracked = bn.track_running_stats and bn.num_batches_tracked is not None

@@ -17,7 +17,7 @@ from .driver import check_model
 from .profiles import DEEP, FAST
 
 
-@settings(FAST, max_examples=2)
+@settings(FAST, max_examples=1)
 @given(cfg=compile_configs(backends=("eager", "aot_eager"), max_world=2, max_steps=2))
 def test_compiled_matches_torch(cfg: CompileConfig) -> None:
     check_model(cfg)

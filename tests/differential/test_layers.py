@@ -14,7 +14,7 @@ from .profiles import DEEP, FAST
 
 
 @settings(FAST, max_examples=40)
-@given(cfg=layer_configs(max_world=4, max_steps=3))
+@given(cfg=layer_configs(max_world=3, max_steps=3))
 def test_layer_matches_torch(cfg: LayerConfig) -> None:
     check_layer(cfg)
 

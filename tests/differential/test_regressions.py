@@ -182,3 +182,17 @@ def test_compile_empty_rank_collective_order() -> None:
     from .configs import CompileConfig
 
     check_model(CompileConfig(world=2, backend="aot_eager", model="downsample", sizes=((0, 3),)))
+
+
+@pytest.mark.xfail(strict=True, reason="an infinite running_mean turns NaN at the next update (lerp_), torch keeps inf")
+def test_infinite_running_mean_propagates() -> None:
+    # KNOWN_FAILURES: inf_running_stats_nan. An inf input makes the group's mean and torch's
+    # running_mean inf; at the next training step torch computes (1 - m) * inf + m * mean = inf,
+    # syncbn's running_mean.lerp_(mean, m) gives inf + m * (mean - inf) = NaN
+    # (syncbn/functional.py update_running_stats). Search's example: 3 ranks, 1 channel.
+    check_layer(
+        LayerConfig(
+            world=2, channels=1,
+            steps=(Step(sizes=(1, 1), nonfinite=(0, "inf")), Step(sizes=(1, 1)), Step(train=False, sizes=(1, 1))),
+        )
+    )
