@@ -315,13 +315,16 @@ def _partial_errors(c: object) -> bool:
 
 
 def _inf_input(c: object) -> bool:
-    """An infinite input value while tracking running statistics on syncbn's path."""
-    return (
-        isinstance(c, LayerConfig)
-        and c.track
-        and _syncs(c)
-        and any(s.nonfinite is not None and s.nonfinite[1] != "nan" for s in c.steps)
-    )
+    """An infinite running statistic on syncbn's path: from an infinite input value, or from
+    values whose variance overflows the buffers' dtype (float32: |x| beyond ~1e19)."""
+    if not isinstance(c, LayerConfig) or not c.track or not _syncs(c):
+        return False
+    if any(s.nonfinite is not None and s.nonfinite[1] != "nan" for s in c.steps):
+        return True
+    if c.x_dtype == "float64" and c.p_dtype == "float64":
+        return False
+    top = 4.8 if "float16" in (c.x_dtype, c.p_dtype) else 38.5  # log10 of the dtype's largest value
+    return 2 * (c.log_scale + math.log10(max(c.offset, 1.0)) + 0.7) >= top
 
 
 REGIONS: dict[str, Callable[[object], bool]] = {
