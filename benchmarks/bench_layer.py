@@ -6,12 +6,12 @@ drift hits all alike; each timed step is the slowest rank's time (what the job w
 
 Reported per shape and world size:
 - median time of a forward+backward step, and the median of per-pair ratios to local BN;
-- the measured latency of syncbn's all_reduce of a (2C+1) float64 vector (shared memory between
-  ranks of one machine, else torch.distributed; torch.distributed's own goes to the JSON) and the
-  resulting floor
-  ``(local + 2 * latency) / local`` that no synchronized layer can beat; and syncbn's own
-  all_reduce calls timed in place during its steps ("AR@step": latency plus waiting for the
-  slowest rank), which splits its time into compute and communication;
+- the measured latency of syncbn's two collectives ("coll ms": the forward's all_gather of 3C+3
+  float64 values per rank plus the backward's all_reduce of 2C+1; shared memory between ranks of one
+  machine, else torch.distributed; torch.distributed's all_reduce goes to the JSON) and the
+  resulting floor ``(local + gather + reduce) / local`` that no synchronized layer can beat; and
+  syncbn's own collectives timed in place during its steps ("AR@step": latency plus waiting for
+  the slowest rank), which splits its time into compute and communication;
 - bytes saved for backward relative to the input (``saved_tensors_hooks``);
 - output error against a float64 reference at |mean|/std = 1e4 (float32 input); the "local BN"
   row's error is torch's fp32 BatchNorm on the whole concatenated batch (the yardstick).
@@ -123,7 +123,7 @@ def _time_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: to
 
 
 def _allreduce_latency(numel: int, reps: int, device: torch.device, reduce: Callable[[torch.Tensor], object]) -> float:
-    """Median time of ``reduce`` on a ``numel`` float64 vector, every rank starting together."""
+    """Median time of ``reduce`` (a collective) on a ``numel`` float64 vector, every rank starting together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return 0.0
     t = torch.zeros(numel, dtype=torch.float64, device=device)
@@ -178,18 +178,24 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=300))
     impls = _implementations(world, device)
-    # Time syncbn's own all_reduce calls where they happen (waiting for the slowest peer included),
-    # to split its step time into compute and communication.
+    # Time syncbn's own collectives where they happen (waiting for the slowest peer included), to
+    # split its step time into compute and communication: the forward's all_gather, the backward's
+    # all_reduce.
     waits: list[float] = []
     real_all_reduce = syncbn.comm.all_reduce_sum
+    real_all_gather = syncbn.comm.all_gather
 
-    def timed_all_reduce(tensor, group=None):
-        t0 = time.perf_counter()
-        out = real_all_reduce(tensor, group)
-        waits.append(time.perf_counter() - t0)
-        return out
+    def timed(real):
+        def collective(tensor, group=None):
+            t0 = time.perf_counter()
+            out = real(tensor, group)
+            waits.append(time.perf_counter() - t0)
+            return out
 
-    syncbn.comm.all_reduce_sum = timed_all_reduce
+        return collective
+
+    syncbn.comm.all_reduce_sum = timed(real_all_reduce)
+    syncbn.comm.all_gather = timed(real_all_gather)
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -212,6 +218,7 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
             # The floor uses the transport syncbn really takes (shared memory between the ranks of
             # one machine, else torch.distributed); torch.distributed's own latency is kept too.
             latency = _allreduce_latency(2 * c + 1, args.reps, device, real_all_reduce)
+            gather_latency = _allreduce_latency(3 * c + 3, args.reps, device, real_all_gather)
             torch_latency = _allreduce_latency(2 * c + 1, args.reps, device, dist.all_reduce)
             local = statistics.median(times["local BN"])
             row = {
@@ -220,10 +227,11 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
                 "dtype": dtype_name,
                 "channels_last": bool(args.channels_last and x.dim() == 4),
                 "allreduce_latency_ms": latency * 1e3,
+                "allgather_latency_ms": gather_latency * 1e3,
                 "torch_allreduce_latency_ms": torch_latency * 1e3,
-                # syncbn's all_reduce calls timed in place: latency plus waiting for the slowest rank.
+                # syncbn's collectives timed in place: latency plus waiting for the slowest rank.
                 "syncbn_allreduce_in_step_ms": statistics.median(waits) * 1e3 if waits else 0.0,
-                "limit_ratio": (local + 2 * latency) / local,
+                "limit_ratio": (local + latency + gather_latency) / local,
                 "impls": {},
             }
             for name, layer in layers.items():
@@ -249,7 +257,7 @@ def _run_world(rank: int, world: int, store_path: str, args: argparse.Namespace,
 def _print_table(rows: list[dict]) -> None:
     head = (
         f"{'W':>2} {'shape':<18} {'dtype':<8} {'impl':<10} {'median ms':>10} {'x local':>8} "
-        f"{'limit x':>8} {'AR ms':>7} {'AR@step':>7} {'saved/in':>8} {'err@1e4':>9}"
+        f"{'limit x':>8} {'coll ms':>7} {'AR@step':>7} {'saved/in':>8} {'err@1e4':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -259,7 +267,7 @@ def _print_table(rows: list[dict]) -> None:
             err = e.get("error_at_mean_1e4")
             print(
                 f"{row['world_size']:>2} {shape:<18} {row['dtype']:<8} {name:<10} {e['median_ms']:>10.3f} "
-                f"{e['ratio_to_local']:>8.3f} {row['limit_ratio']:>8.3f} {row['allreduce_latency_ms']:>7.3f} "
+                f"{e['ratio_to_local']:>8.3f} {row['limit_ratio']:>8.3f} {row['allreduce_latency_ms'] + row['allgather_latency_ms']:>7.3f} "
                 f"{row['syncbn_allreduce_in_step_ms']:>7.3f} "
                 f"{e['saved_bytes_ratio']:>8.3f} {'' if err is None else f'{err:.2e}':>9}"
             )

@@ -4,8 +4,9 @@ Both models train side by side in the same processes, their steps interleaved (A
 machine drift hits both alike. Reported: median step time of each (slowest rank), the median of
 per-pair ratios, the number of syncbn collectives and their bytes per step, DDP's gradient
 all-reduce calls and bytes per step (via a counting comm hook), the measured latency of syncbn's
-all_reduce of a (2C+1) float64 vector (and of torch.distributed's), and the bound the issue sets:
-local step * 1.05 + 2 latencies per BN layer.
+two collectives per layer (the forward's all_gather of 3C+3 float64 values per rank, the backward's
+all_reduce of 2C+1; torch.distributed's all_reduce beside it), and the bound:
+local step * 1.05 + one latency of each collective per BN layer.
 
 Usage::
 
@@ -106,21 +107,28 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
         models[name] = torch.compile(ddp, backend=args.compile) if name.endswith("compiled") else ddp
         opts[name] = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
-    # Count syncbn's own collectives by wrapping the one function every layer calls.
+    # Count syncbn's own collectives by wrapping the two functions every layer calls: the forward's
+    # all_gather of each rank's (3C+3)-value row, the backward's all_reduce of 2C gradient sums and
+    # a flag.
     sync_counter = _Counter()
     real_all_reduce = syncbn.comm.all_reduce_sum
+    real_all_gather = syncbn.comm.all_gather
 
-    def counting_all_reduce(tensor, group=None):
-        if torch.compiler.is_compiling():
-            # Tracing: the graph calls syncbn's operator, whose eager body comes back here to count.
-            return real_all_reduce(tensor, group)
-        sync_counter.add(tensor)
-        t0 = time.perf_counter()
-        out = real_all_reduce(tensor, group)
-        sync_counter.seconds += time.perf_counter() - t0
-        return out
+    def counting(real):
+        def collective(tensor, group=None):
+            if torch.compiler.is_compiling():
+                # Tracing: the graph calls syncbn's operator, whose eager body comes back here to count.
+                return real(tensor, group)
+            sync_counter.add(tensor)
+            t0 = time.perf_counter()
+            out = real(tensor, group)
+            sync_counter.seconds += time.perf_counter() - t0
+            return out
 
-    syncbn.comm.all_reduce_sum = counting_all_reduce
+        return collective
+
+    syncbn.comm.all_reduce_sum = counting(real_all_reduce)
+    syncbn.comm.all_gather = counting(real_all_gather)
 
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 3, args.image, args.image, generator=gen)
@@ -151,9 +159,9 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
                 "ddp_bytes": ddp_counters[name].bytes - before[3],
             }
 
-    def median_latency(reduce) -> float:
+    def median_latency(reduce, numel: int) -> float:
         latencies = []
-        probe = torch.zeros(2 * int(statistics.median(channels)) + 1, dtype=torch.float64)
+        probe = torch.zeros(numel, dtype=torch.float64)
         for _ in range(50):
             dist.barrier()
             t0 = time.perf_counter()
@@ -165,8 +173,10 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
 
     # The bound uses the transport syncbn really takes (shared memory between the ranks of one
     # machine, else torch.distributed); torch.distributed's own latency is reported beside it.
-    latency = median_latency(real_all_reduce)
-    torch_latency = median_latency(dist.all_reduce)
+    c = int(statistics.median(channels))
+    latency = median_latency(real_all_reduce, 2 * c + 1)
+    gather_latency = median_latency(real_all_gather, 3 * c + 3)
+    torch_latency = median_latency(dist.all_reduce, 2 * c + 1)
 
     if rank == 0:
         local_ms = statistics.median(times["local BN"]) * 1e3
@@ -178,11 +188,12 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, ou
             "threads_per_process": args.threads,
             "bn_layers": n_bn,
             "allreduce_latency_ms": latency * 1e3,
+            "allgather_latency_ms": gather_latency * 1e3,
             "torch_allreduce_latency_ms": torch_latency * 1e3,
-            # Time rank 0 spent inside syncbn's all_reduce calls per step: latency plus waiting
-            # for the slower rank at each of the 2 * bn_layers synchronization points.
+            # Time rank 0 spent inside syncbn's collectives per step: latency plus waiting for the
+            # slower rank at each of the 2 * bn_layers synchronization points.
             "syncbn_in_allreduce_ms": statistics.median(in_allreduce) * 1e3,
-            "bound_ms": local_ms * 1.05 + 2 * n_bn * latency * 1e3,
+            "bound_ms": local_ms * 1.05 + n_bn * (latency + gather_latency) * 1e3,
             "compile_backend": args.compile,
             "graphs": graphs,
             "impls": {
@@ -229,9 +240,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name, e in result["impls"].items():
         print(f"{name:<19} {e['median_step_ms']:>9.2f} {e['ratio_to_local']:>8.3f} {e['syncbn_collectives']:>12d} "
               f"{e['syncbn_bytes'] / 1e3:>10.1f} {e['ddp_allreduces']:>7d} {e['ddp_bytes'] / 1e6:>8.2f}")
-    print(f"time inside syncbn's all_reduce calls per step (rank 0): {result['syncbn_in_allreduce_ms']:.2f} ms")
-    print(f"BN layers: {result['bn_layers']}; syncbn all_reduce latency (2C+1 float64, median C): "
-          f"{result['allreduce_latency_ms']:.3f} ms (torch.distributed: {result['torch_allreduce_latency_ms']:.3f} ms); bound local*1.05 + 2*layers*latency = {result['bound_ms']:.2f} ms; "
+    print(f"time inside syncbn's collectives per step (rank 0): {result['syncbn_in_allreduce_ms']:.2f} ms")
+    print(f"BN layers: {result['bn_layers']}; median C; syncbn all_gather of 3C+3 float64 per rank: "
+          f"{result['allgather_latency_ms']:.3f} ms; all_reduce of 2C+1: {result['allreduce_latency_ms']:.3f} ms "
+          f"(torch.distributed: {result['torch_allreduce_latency_ms']:.3f} ms); "
+          f"bound local*1.05 + layers*(gather + reduce) = {result['bound_ms']:.2f} ms; "
           f"syncbn {'meets' if result['impls']['syncbn']['median_step_ms'] <= result['bound_ms'] else 'exceeds'} it")
     for name, g in result["graphs"].items():
         print(f"{name}: {g['graphs']} graph(s), {g['graph_breaks']} break(s) (dynamo explain, model without DDP)"

@@ -37,10 +37,11 @@ def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path, forked_bench
     ours, local = result["impls"]["syncbn"], result["impls"]["local BN"]
     layers = result["bn_layers"]
     assert layers == 20
-    # One forward all_reduce of 2C+1 float64 values and one backward all_reduce of 2C per layer.
+    # One forward all_gather of each rank's 3C+3 float64 values and one backward all_reduce of 2C
+    # gradient sums and the create_graph flag per layer.
     assert ours["syncbn_collectives"] == 2 * layers
     channels = [m.num_features for m in resnet18(width=8).modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert ours["syncbn_bytes"] == sum(8 * ((2 * c + 1) + 2 * c) for c in channels)
+    assert ours["syncbn_bytes"] == sum(8 * ((3 * c + 3) + (2 * c + 1)) for c in channels)
     assert local["syncbn_collectives"] == 0
     assert ours["ddp_bytes"] == local["ddp_bytes"] and ours["ddp_allreduces"] == local["ddp_allreduces"]
 
