@@ -43,6 +43,37 @@ def check_options(name: str, min_count: int, fallback: str) -> None:
         )
 
 
+def check_input(name: str, x: Tensor, num_features: int) -> None:
+    """``ValueError`` unless ``x`` is a floating-point ``(N, num_features, *)`` tensor."""
+    if x.dim() < 2 or x.shape[1] != num_features:
+        raise ValueError(
+            f"{name}: expected input of shape (N, {num_features}, *) with at least 2 dims, "
+            f"got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        # Checked on every rank, also on an empty batch, so that no rank enters the collective alone.
+        raise ValueError(f"{name}: expected a floating-point input, got {x.dtype}; convert it with .float()")
+
+
+def _check_dtypes(name: str, x: Tensor, *params: Optional[Tensor]) -> None:
+    """``ValueError`` for parameter or buffer dtypes torch's batch norm kernels refuse with ``x``.
+
+    They take parameters and buffers of the input's dtype, or float32 ones with a float16 or
+    bfloat16 input. Checked on every rank of a synchronized call before any collective (an empty
+    batch too), so that a refused combination raises everywhere instead of on the ranks whose
+    kernel happens to look; unsynchronized, where torch's kernel would raise (a non-empty batch).
+    """
+    for p in params:
+        if p is None or p.dtype == x.dtype or (p.dtype == torch.float32 and x.dtype in ST.HALF_DTYPES):
+            continue
+        wanted = f"{x.dtype}" + (" or torch.float32" if x.dtype in ST.HALF_DTYPES else "")
+        raise ValueError(
+            f"{name}: input of dtype {x.dtype} with parameters or buffers of dtype {p.dtype}; batch "
+            f"norm takes them in {wanted}. Cast the input (x.to({p.dtype})) or the layer "
+            f"(layer.to({x.dtype})), or run the model under torch.autocast"
+        )
+
+
 def batch_norm(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -64,6 +95,7 @@ def batch_norm(
     renorm: Optional[tuple[Any, Any]] = None,
     stats_sink: Optional[StatsSink] = None,
     mask: Optional[Tensor] = None,
+    num_features: Optional[int] = None,
 ) -> Tensor:
     """Shared forward of every synchronized layer, following torch's rule for buffers.
 
@@ -74,11 +106,24 @@ def batch_norm(
     each rank's own, never communicating). ``renorm=(r_max, d_max)`` switches to Batch
     Renormalization. With ``stats_sink`` the group's batch statistics go to the sink instead of
     into the running averages (gradient accumulation, precise statistics). ``key`` tells layers
-    apart in consistency mode.
+    apart in consistency mode. With ``num_features`` the input's shape and dtype are checked
+    here (:func:`check_input`), after the consistency check when that mode is on.
     """
+    sync = training and (_config.current().always_sync or comm.group_size(group) > 1)
+    checked = False
+    if sync and _config.debug():
+        # Consistency mode: the ranks compare this call before any rank checks its input alone, so
+        # that an input only one rank got wrong raises on every rank (the check tolerates any
+        # shape and dtype).
+        _consistency.check_consistency(name, x, group, key)
+        checked = True
+    if num_features is not None:
+        check_input(name, x, num_features)
+    if sync or x.numel():
+        # Unsynchronized, an empty batch passes as in torch (whose kernel looks at no value).
+        _check_dtypes(name, x, weight, bias, running_mean, running_var)
     if running_mean is not None and not training:
         return BF.normalize(x, running_mean, running_var, weight, bias, eps, mask)
-    sync = training and (_config.current().always_sync or comm.group_size(group) > 1)
     # Activation checkpointing runs the forward again inside backward: same statistics (and, when
     # synchronized, the same collective on every rank, since every rank recomputes), but the
     # running averages, the step counter and the stats sink already took this batch. A compiled
@@ -111,7 +156,7 @@ def batch_norm(
         x = _kernels.fused_layout(x)
     row = ST.local_row(x, mask, needs_grad)
     if sync:
-        if _config.debug():
+        if _config.debug() and not checked:
             _consistency.check_consistency(name, x, group, key)
         rows = comm.all_gather(row, group)
     else:

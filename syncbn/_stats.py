@@ -41,7 +41,7 @@ __all__ = [
     "merge_rows",
 ]
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 # A rank refines its channels' means (one more pass over its batch) when some channel's
 # |mean| exceeds this many standard deviations: below it, rounding the mean to its dtype costs the
 # group's variance less than a few units in the last place (see local_row).
@@ -50,7 +50,7 @@ _REFINE_RATIO = 4.0
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are kept in for inputs of ``dtype``: float32 for half inputs."""
-    return torch.float32 if dtype in _HALF else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -92,7 +92,7 @@ def _kernel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     One pass over ``x`` accumulated in double (two-pass variance). Half inputs get float32
     statistics (scratch float32 buffers with momentum 0 make the kernel return that dtype).
     """
-    if x.dtype in _HALF:
+    if x.dtype in HALF_DTYPES:
         c = x.shape[1]
         scratch_mean = torch.zeros(c, dtype=torch.float32, device=x.device)
         scratch_var = torch.ones(c, dtype=torch.float32, device=x.device)
@@ -101,11 +101,12 @@ def _kernel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _mean_correction(x: Tensor, mean: Tensor, dims: list[int], mask: Optional[Tensor]) -> Tensor:
-    """``mean(x - mean)`` in float64, for ``mean`` in ``x``'s dtype: what rounding the mean to it lost.
+    """``mean(x - mean)`` in float64, for ``mean`` in the statistics dtype: what rounding the mean lost.
 
-    ``x - mean`` is exact where ``x`` lies within a factor 2 of ``mean`` (Sterbenz), which is the
-    case this is called for (``|mean|`` many standard deviations away from 0), so the correction is
-    accurate to the dtype's epsilon times the spread instead of times the mean.
+    ``x - mean`` (in the statistics dtype, which holds every value of ``x`` exactly) is exact where
+    ``x`` lies within a factor 2 of ``mean`` (Sterbenz), which is the case this is called for
+    (``|mean|`` many standard deviations away from 0), so the correction is accurate to the
+    dtype's epsilon times the spread instead of times the mean.
     """
     diff = x - channel_view(mean, x.dim())
     if mask is not None:
@@ -158,12 +159,10 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
         mean, var = _kernel_stats(x)
     lo, refined = None, 0.0
     # Refine the mean where rounding it to its dtype would show in the group's variance (some
-    # channel's mean^2 > 16 var). CPU only, where the host read is free; half inputs are
-    # quantized coarser than their float32 mean is rounded. Never on the fused path, which is
-    # CUDA's (its CPU emulation in tests behaves as CUDA does).
-    if not fused and x.device.type == "cpu" and x.dtype not in _HALF:
+    # channel's mean^2 > 16 var). CPU only, where the host read is free. Never on the fused path,
+    # which is CUDA's (its CPU emulation in tests behaves as CUDA does).
+    if not fused and x.device.type == "cpu":
         if torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2).min().item() < 0:
-            mean = mean.to(x.dtype)
             lo, refined = _mean_correction(x, mean, dims, None), 1.0
     if lo is None:
         lo = _constant((0.0,) * c, x.device)
@@ -264,4 +263,9 @@ def merge_rows(rows: Tensor, refined: bool = True) -> GroupStats:
     d = torch.where(present, (hi - ref) + lo, 0)
     m = (n * d).sum(0) / safe
     spread = torch.where(present, n * (var + (d - m).square()), 0).sum(0)
-    return GroupStats(ref + m, spread / safe, total, counts, any_grad)
+    mean = ref + m
+    # An infinite value in some rank's batch makes K or a d_i infinite and K + m NaN; torch's
+    # kernel gives the plain weighted mean there (inf, or NaN for inf and -inf). A rank whose
+    # statistics are not finite never sends a correction (its lo is 0).
+    plain = torch.where(present, n * (hi + lo), 0).sum(0) / safe
+    return GroupStats(torch.where(mean.isfinite(), mean, plain), spread / safe, total, counts, any_grad)

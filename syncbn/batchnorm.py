@@ -10,26 +10,15 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _compat, _forward, _masking, comm
+from . import _compat, _config, _forward, _masking, comm
 from . import _stats as ST
 from ._compat import NORM_TAKES_BIAS
+from ._forward import check_input
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "BatchNormNd"]
 
 # Process-unique layer numbers: consistency mode counts each layer's calls by them.
 _keys = itertools.count(1)
-
-
-def check_input(name: str, x: Tensor, num_features: int) -> None:
-    """``ValueError`` unless ``x`` is a floating-point ``(N, num_features, *)`` tensor."""
-    if x.dim() < 2 or x.shape[1] != num_features:
-        raise ValueError(
-            f"{name}: expected input of shape (N, {num_features}, *) with at least 2 dims, "
-            f"got {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        # Checked on every rank, also on an empty batch, so that no rank enters the collective alone.
-        raise ValueError(f"{name}: expected a floating-point input, got {x.dtype}; convert it with .float()")
 
 
 def check_eps(name: str, eps: float, batch_stats: bool) -> None:
@@ -86,14 +75,14 @@ def sync_batch_norm(
     """
     name = "syncbn.sync_batch_norm"
     channels = running_mean.numel() if running_mean is not None else (input.shape[1] if input.dim() >= 2 else -1)
-    check_input(name, input, channels)
     if mask is not None:
+        check_input(name, input, channels)
         ST.check_mask(name, input, mask)
     check_eps(name, eps, training or running_mean is None)
     return _forward.batch_norm(
         input, running_mean, running_var, None, weight, bias,
         training=training, track=training, momentum=momentum, eps=eps, group=process_group,
-        name=name, mask=mask,
+        name=name, mask=mask, num_features=channels,
     )
 
 
@@ -279,7 +268,8 @@ class SyncBatchNorm(_BatchNorm):
         if _compat.is_fx_tracing():
             return _fx_call(self, input, mask)
         name = self._layer_name()
-        check_input(name, input, self.num_features)
+        if mask is not None or not (self.training and _config.debug()):
+            check_input(name, input, self.num_features)
         mask = _masking.resolve(name, self, input, mask)
         # torch's rule: training without track_running_stats uses (and updates) no buffers; eval
         # uses the buffers when there are any, else the batch's own statistics.
@@ -307,6 +297,7 @@ class SyncBatchNorm(_BatchNorm):
             renorm=self._renorm_limits(),
             stats_sink=self._stats_sink,
             mask=mask,
+            num_features=self.num_features,
         )
 
     def _renorm_limits(self) -> Optional[tuple[Any, Any]]:

@@ -319,7 +319,10 @@ def _shm_channel(
         _channels[key] = (ref, None)
         return None
     capacity = _MIN_CAPACITY if grow is None else max(2 * grow.capacity, tensor.numel())
-    channel = ShmChannel.create(pg, capacity, tensor.numel())
+    # The channel's views of the shared file live as long as the group and are written in place
+    # at every call: never inference tensors, also when the first call runs in inference_mode.
+    with torch.inference_mode(False):
+        channel = ShmChannel.create(pg, capacity, tensor.numel())
     _channels[key] = (ref, channel)
     return channel
 

@@ -8,6 +8,8 @@ Conventions: ``x`` has shape ``(N, C, *)``; per-channel vectors have shape ``(C,
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Union
 
 import torch
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from . import _compat
 from ._compat import is_compiling
-from ._stats import channel_view, expand_mask, reduce_dims
+from ._stats import HALF_DTYPES, channel_view, expand_mask, reduce_dims
 
 __all__ = [
     "exponential_average_factor",
@@ -38,7 +40,7 @@ def exponential_average_factor(
     ``momentum=None`` gives the cumulative average ``1 / t`` as torch does (0 without a counter,
     as torch's layers use then). With ``debias`` the rate is ``m / (1 - (1 - m)**t)``, which makes
     the buffers equal the bias-corrected average ``r_t / (1 - (1 - m)**t)`` of a zero-initialised
-    EMA ``r_t``. Those come back as 0-dim float64 tensors on the counter's device (no host read; the
+    EMA ``r_t`` (at ``m = 0`` its limit, ``1 / t``). Those come back as 0-dim float64 tensors on the counter's device (no host read; the
     same float64 arithmetic as on the host); a fixed momentum comes back as the float itself.
     """
     if num_batches_tracked is None:
@@ -46,8 +48,12 @@ def exponential_average_factor(
     if momentum is not None and not debias:
         return momentum
     t = num_batches_tracked.to(torch.float64)
-    if momentum is None:
+    if momentum is None or momentum == 0.0:
+        # momentum -> 0 of the debiased rate is 1 / t as well (the cumulative average).
         return t.reciprocal()
+    if 0.0 < momentum < 1.0:
+        # 1 - (1 - m)**t as -expm1(t * log1p(-m)): no cancellation for small m.
+        return momentum / -torch.expm1(t * math.log1p(-momentum))
     return momentum / (1.0 - torch.pow(1.0 - momentum, t))
 
 
@@ -74,8 +80,10 @@ def update_running_stats(
         if isinstance(factor, Tensor):
             factor = factor.to(running_mean.dtype)
         unbiased = var.to(running_var.dtype) * bessel
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(unbiased, factor)
+        # torch's order (Normalization.cpp's update): (1 - m) * running + m * batch. lerp_ would
+        # compute running + m * (batch - running), NaN where running is infinite.
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+        running_var.mul_(1 - factor).add_(unbiased * factor)
 
 
 def normalize(
@@ -93,6 +101,12 @@ def normalize(
     (whatever ``x`` holds there, NaN included). Differentiable in ``x``, ``weight`` and ``bias``
     with ``mean`` and ``var`` held constant (the eval-mode gradient).
     """
+    if weight is not None and weight.dtype != mean.dtype and weight.dtype == x.dtype:
+        # Half parameters with a half input (a model cast with .half()): the kernel takes float32
+        # statistics with float32 parameters only, and computes in float32 either way.
+        weight = weight.to(mean.dtype)
+    if bias is not None and bias.dtype != mean.dtype and bias.dtype == x.dtype:
+        bias = bias.to(mean.dtype)
     if mask is None:
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
     m = expand_mask(mask, x.dim())
@@ -192,6 +206,15 @@ def empty_sums(grad_out: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return zeros, zeros.clone()
 
 
+def _dense(t: Tensor) -> bool:
+    """Contiguous in torch's default or channels-last layout (the layouts the fused kernels read)."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean)) * invstd`` over the local batch.
 
@@ -202,6 +225,10 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tupl
     """
     if x.numel() == 0:
         return empty_sums(grad_out, mean.dtype)
+    if x.dtype in HALF_DTYPES and not (_dense(x) and _dense(grad_out)):
+        # On a strided half input torch's CPU kernel accumulates sum(dy) in the input's precision
+        # (a bfloat16 ulp of the local sum); its contiguous and channels-last kernels in float32.
+        x, grad_out = x.contiguous(), grad_out.contiguous()
     _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
         grad_out, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
     )

@@ -557,3 +557,26 @@ def test_a_peer_that_has_not_written_its_pid_is_late_not_dead():
     channel.header[0, 1] = 2**22 + 12345  # a pid that does not exist here: now it is dead
     with pytest.raises(RuntimeError, match="exited before joining"):
         channel._check_peers(1, expired=False)
+
+
+# ---------------------------------------------------------------- a channel first used in inference_mode
+
+
+def _first_call_in_inference_mode(rank, world_size):
+    # A new group: its channel is built by the first call, here under inference_mode (an
+    # evaluation loop that runs a training-mode layer, as a precise-BN pass can).
+    group = dist.new_group(list(range(world_size)))
+    with torch.inference_mode():
+        gathered = comm.all_gather(_mine(rank), group)
+    assert gathered[:, 0].tolist() == [1.0, 2.0]
+    assert _channel(group) is not None, "the channel should be built (shared memory is on in the pool)"
+    # Later calls outside inference_mode write into the same channel in place.
+    assert comm.all_gather(_mine(rank), group)[:, 0].tolist() == [1.0, 2.0]
+    assert comm.all_reduce_sum(_mine(rank), group)[0].item() == 3.0
+    bn = syncbn.SyncBatchNorm(4, process_group=group)
+    bn(torch.randn(3, 4, dtype=_F64).float()).sum().backward()
+    dist.destroy_process_group(group)
+
+
+def test_channel_built_in_inference_mode_is_written_outside_it():
+    run_on_ranks(2, _first_call_in_inference_mode)

@@ -38,23 +38,7 @@ __all__ = [
 # Regions that a regression test in test_regressions.py pins as a known failure. The strategies
 # skip a configuration for which REGIONS[name](config) holds while name is listed here. Remove a
 # name once the library is fixed (the regression test's xfail mark goes at the same time).
-KNOWN_FAILURES: set[str] = {
-    # the list
-    "track_running_stats_toggle",
-    "large_mean_variance",
-    "huge_scale_overflow",
-    "double_backward",
-    "fx_trace",
-    "hooks_lost_in_conversion",
-    "compile_collective_order",
-    # found by this harness
-    "torch_refused_dtypes",
-    "half_parameters_synced",
-    "half_grad_sums_strided",
-    "debias_zero_momentum",
-    "rank_local_input_error",
-    "inf_running_stats_nan",
-}
+KNOWN_FAILURES: set[str] = set()  # every region in REGIONS holds now (see test_regressions.py)
 
 
 # ---------------------------------------------------------------------------------------------

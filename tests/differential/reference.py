@@ -37,7 +37,9 @@ grad_weight and grad_bias, running_mean, running_var), with ``e = q_ref``:
 
 where ``torch_err = max(max|q_own - e|, max|q_perm - e|)`` is torch's own error on the same input
 (its error in the configuration's dtypes, also with the batch in each memory layout the ranks
-use, and float64's rounding noise) and ``ulp`` is
+use, and float64's rounding noise; for outputs normalized with batch statistics also the error of
+torch's eval-mode kernel applying the batch's exact statistics rounded to the statistics dtype,
+which is how a synchronized layer applies the group's) and ``ulp`` is
 ``torch.finfo(dtype).eps`` of the compared tensor's dtype (the input's for outputs and input
 gradients, the parameters' for parameter gradients and buffers). ``scale`` is ``max|e|``; for the
 gradients, which are cancelling sums, it is at least the size of their terms (``max|w * invstd *
@@ -167,7 +169,7 @@ def layer_data(cfg: LayerConfig) -> LayerData:
         "weight": (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(pd),
         "bias": torch.randn(c, generator=gen, dtype=torch.float64).to(pd),
         "running_mean": (centre + 0.3 * scale * torch.randn(c, generator=gen, dtype=torch.float64)).to(pd),
-        "running_var": ((0.5 + torch.rand(c, generator=gen, dtype=torch.float64)) * scale**2).to(pd),
+        "running_var": ((0.5 + torch.rand(c, generator=gen, dtype=torch.float64)) * scale * scale).to(pd),
         "num_batches_tracked": torch.tensor(cfg.initial_steps, dtype=torch.long),
     }
     return LayerData(xs, gs, init)
@@ -321,7 +323,23 @@ class _Engine:
             xg = xg.flip(0) if xg is not None else None
         ys = self._split(y.detach(), xs, same)
         xgs = self._split(xg, xs, same) if xg is not None else [None] * len(xs)
-        return [{"y": yr, "xg": xgr, "wg": wg, "bg": bg} for yr, xgr in zip(ys, xgs)]
+        # torch's error in applying the batch's exact statistics (rounded to the statistics dtype)
+        # with its eval-mode kernel, as a synchronized layer must: its folded x * a + b form
+        # cancels at large |mean|/std, where the training kernel on the whole batch may not.
+        applied = [None] * len(xs)
+        if self.xd != torch.float64 and (bn.training or bn.running_mean is None) and y.numel():
+            with torch.no_grad():
+                cd = stat_dtype(self.xd)
+                f64 = full.detach().double()
+                dims = [0] + list(range(2, f64.dim()))
+                mean, var = f64.mean(dims), f64.var(dims, unbiased=False)
+                w = bn.weight.detach().to(cd) if bn.weight is not None else None
+                b = bn.bias.detach().to(cd) if bn.bias is not None else None
+                ya = torch.batch_norm(full.detach(), w, b, mean.to(cd), var.to(cd), False, 0.0, bn.eps, False)
+                if self.reverse:
+                    ya = ya.flip(0)
+            applied = self._split(ya, xs, same)
+        return [{"y": yr, "xg": xgr, "wg": wg, "bg": bg, "y_applied": ya_r} for yr, xgr, ya_r in zip(ys, xgs, applied)]
 
     def _renorm(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> list[dict]:
         """Batch Renormalization's closed form (ANCHORS.md) in the statistics dtype."""
@@ -395,7 +413,23 @@ class _Engine:
             xg = xg.flip(0) if xg is not None else None
         ys = self._split(y.detach(), xs, same)
         xgs = self._split(xg, xs, same) if xg is not None else [None] * len(xs)
-        return [{"y": yr, "xg": xgr, "wg": wg, "bg": bg} for yr, xgr in zip(ys, xgs)]
+        # torch's error in applying the batch's exact statistics (rounded to the statistics dtype)
+        # with its eval-mode kernel, as a synchronized layer must: its folded x * a + b form
+        # cancels at large |mean|/std, where the training kernel on the whole batch may not.
+        applied = [None] * len(xs)
+        if self.xd != torch.float64 and (bn.training or bn.running_mean is None) and y.numel():
+            with torch.no_grad():
+                cd = stat_dtype(self.xd)
+                f64 = full.detach().double()
+                dims = [0] + list(range(2, f64.dim()))
+                mean, var = f64.mean(dims), f64.var(dims, unbiased=False)
+                w = bn.weight.detach().to(cd) if bn.weight is not None else None
+                b = bn.bias.detach().to(cd) if bn.bias is not None else None
+                ya = torch.batch_norm(full.detach(), w, b, mean.to(cd), var.to(cd), False, 0.0, bn.eps, False)
+                if self.reverse:
+                    ya = ya.flip(0)
+            applied = self._split(ya, xs, same)
+        return [{"y": yr, "xg": xgr, "wg": wg, "bg": bg, "y_applied": ya_r} for yr, xgr, ya_r in zip(ys, xgs, applied)]
 
     def _momentum_for_step_after_count(self) -> float:
         m, t = self.cfg.momentum, int(self.bn.num_batches_tracked)
@@ -582,6 +616,9 @@ class LayerReference:
                 continue
             exp.ranks.append({q: tuple(outs[e][r][q] for e in ("ref", "own", "perm")) for q in ("y", "xg")})
             exp.extra_ranks.append({q: [res[r][q] for res, _ in extra] for q in ("y", "xg")})
+            applied = outs["own"][r].get("y_applied")
+            if applied is not None:
+                exp.extra_ranks[r]["y"].append(applied)
         # Parameter gradients are the group's (one call on the whole batch, or the sum of the local calls).
         for q in ("wg", "bg"):
             exp.params[q] = tuple(
