@@ -88,8 +88,12 @@ def sync_batch_norm(
 
 @torch.fx.wrap
 def _fx_call(module: nn.Module, input: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """What an FX graph calls for a synchronized layer: the layer itself, as a leaf."""
-    return module(input) if mask is None else module(input, mask)
+    """What an FX graph calls for a synchronized layer: the layer's forward, as a leaf.
+
+    Its hooks are not called here: the tracer ran them around the traced forward, so the graph
+    holds their effect already (calling the module would apply them twice).
+    """
+    return module.forward(input) if mask is None else module.forward(input, mask)
 
 
 class SyncBatchNorm(_BatchNorm):

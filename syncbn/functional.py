@@ -82,8 +82,13 @@ def update_running_stats(
         unbiased = var.to(running_var.dtype) * bessel
         # torch's order (Normalization.cpp's update): (1 - m) * running + m * batch. lerp_ would
         # compute running + m * (batch - running), NaN where running is infinite.
-        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
-        running_var.mul_(1 - factor).add_(unbiased * factor)
+        keep = 1 - factor
+        if isinstance(factor, Tensor):
+            running_mean.mul_(keep).addcmul_(mean.to(running_mean.dtype), factor)
+            running_var.mul_(keep).addcmul_(unbiased, factor)
+        else:
+            running_mean.mul_(keep).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(keep).add_(unbiased, alpha=factor)
 
 
 def normalize(

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .configs import LayerConfig, Step
+from .configs import REGIONS, LayerConfig, Step
 
 __all__ = [
     "K",
@@ -588,6 +588,17 @@ class LayerReference:
         xs, gs = self.data.x[k], self.data.g[k]
         outs = {}
         scales = self._natural_scales(step, xs, gs)
+        # track_running_stats as this call sees it (a step's switch stays for the calls after it).
+        track_now = self.cfg.track
+        for earlier in self.cfg.steps[: k + 1]:
+            if earlier.track is not None:
+                track_now = self.cfg.track and earlier.track
+        passes_params = self.cfg.affine or track_now  # tensors of the parameter dtype reach the kernel
+        if step.train and w > 1 and passes_params and REGIONS["torch_refused_dtypes"](self.cfg):
+            # Dtypes torch's kernel refuses, in a synchronized call: ValueError on every rank before
+            # any collective, also where the whole group's batch is empty (torch, looking at no
+            # value, would pass; no rank can know that before the collective).
+            return Expected(errors=["ValueError: parameter dtypes torch refuses for this input"] * w)
         try:
             outs["own"] = self.own.call(step, xs, gs)
         except Exception as err:  # torch refuses this call: syncbn must raise ValueError on every rank

@@ -192,3 +192,21 @@ def test_overflowed_running_var_propagates() -> None:
             steps=(Step(sizes=(4, 4), spatial=((3, 2), (3, 2))), Step(sizes=(4, 4), spatial=((3, 2), (3, 2)))),
         )
     )
+
+
+def test_fx_trace_with_hooks_applies_them_once() -> None:
+    # Region fx_trace with hooks (deep profile's example). What the harness measured before the
+    # fix: a forward hook registered before conversion, the converted model traced with FX: the
+    # tracer ran the hook around the traced forward and the graph's call of the layer ran it again
+    # (output off by 0.41, running_var by 0.046).
+    check_model(ModelConfig(world=1, model="convnet", sizes=((1,),), width=2, hooks="before", fx=True))
+
+
+def test_refused_dtypes_whole_group_empty() -> None:
+    # Region torch_refused_dtypes (deep profile's example): every rank's batch empty. torch looks
+    # at no value and passes; no rank can know the group is empty before the collective, so the
+    # synchronized layer refuses the dtypes on every rank (ValueError), as for any other batch.
+    check_layer(
+        LayerConfig(world=2, x_dtype="float64", p_dtype="float32", channels=1, affine=False,
+                    steps=(Step(sizes=(0, 0), spatial=((), ())),))
+    )
