@@ -89,7 +89,8 @@ def expand_mask(mask: Tensor, ndim: int) -> Tensor:
 def _kernel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of a non-empty ``x`` from torch's CPU batch-norm statistics kernel.
 
-    One pass over ``x`` accumulated in double (two-pass variance). Half inputs get float32
+    On CPU torch's kernel makes two passes over ``x`` (the mean, then the squared deviations from
+    it), accumulated in double, and returns the biased variance. Half inputs get float32
     statistics (scratch float32 buffers with momentum 0 make the kernel return that dtype).
     """
     if x.dtype in HALF_DTYPES:

@@ -64,9 +64,12 @@ def sync_batch_norm(
             those positions only and the output is 0 elsewhere (see :class:`SyncBatchNorm`).
 
     Raises:
-        ValueError: an input that is not ``(N, C, *)`` floating point, a mask of the wrong shape
-            or dtype, ``eps <= 0`` in training, or a group with 1 value per channel; raised on
-            every rank before any collective.
+        ValueError: on every rank, before any collective: an input that is not ``(N, C, *)``
+            floating point, a mask of the wrong shape or dtype, ``eps <= 0`` in training, or
+            ``weight``/``bias``/running buffers of a dtype torch's kernels refuse with the input's
+            (they take the input's dtype, or float32 with a half input). On every rank after the
+            forward's all_gather (the first point where the group's count is known): a group
+            with 1 value per channel.
 
     Example::
 
@@ -128,8 +131,11 @@ class SyncBatchNorm(_BatchNorm):
         momentum: weight of the new batch in the running averages; None for a cumulative
             average. Default: 0.1.
         affine: learn per-channel ``weight`` (gamma) and ``bias`` (beta). Default: True.
-        track_running_stats: keep running averages for eval; if False, eval also uses batch
-            statistics (without communicating). Default: True.
+        track_running_stats: keep running averages for eval; if False at construction (no
+            buffers), eval also uses batch statistics (each rank its own, without
+            communicating). Switched off on a built layer, training uses batch statistics and
+            leaves the buffers and the step count alone, and eval still uses the buffers, as in
+            torch. Default: True.
         process_group: group whose ranks share statistics; None is the default group.
         device, dtype: factory kwargs for parameters and buffers.
         bias: with ``affine=True``, also learn ``bias``; False leaves ``self.bias`` None (a
@@ -154,7 +160,7 @@ class SyncBatchNorm(_BatchNorm):
     where a position holds data (padded sequences): the statistics, their count, ``min_count``
     and the running averages use the valid positions of every rank only, gradients are the exact
     derivatives of that, and the output is 0 at padded positions, so padding never reaches a
-    later layer (see the masks page of the docs). :func:`syncbn.masked` hands a mask to layers
+    later layer (see "Masks for padded sequences" in the docs' semantics page). :func:`syncbn.masked` hands a mask to layers
     whose caller passes none.
 
     Shape:
@@ -165,8 +171,11 @@ class SyncBatchNorm(_BatchNorm):
 
     Raises:
         ValueError: on every rank, before any collective: an input that is not ``(N, C, *)``
-            floating point, a bad mask, ``eps <= 0`` in training, or (``fallback="raise"``) a
-            group with 1 to ``min_count - 1`` values per channel.
+            floating point, a bad mask, ``eps <= 0`` in training, or parameters/buffers of a
+            dtype torch's kernels refuse with the input's (they take the input's dtype, or
+            float32 with a half input). On every rank after the forward's all_gather (the first
+            point where the group's count is known), with ``fallback="raise"``: a group with 1 to
+            ``min_count - 1`` values per channel.
 
     Example::
 
