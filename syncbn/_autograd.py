@@ -78,8 +78,10 @@ class SyncNormFunction(torch.autograd.Function):
         d: Optional[Tensor],
         usable: Optional[Tensor],
         mask: Optional[Tensor],
+        center: bool = False,
     ) -> Tensor:
         ctx.fused = _kernels.uses_fused_kernels(x) and mask is None
+        ctx.center = center
         ctx.eps, ctx.count, ctx.counts, ctx.group, ctx.sync, ctx.usable = eps, count, counts, group, sync, usable
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else mean.dtype
@@ -215,7 +217,9 @@ def _first_order(
         )
     elif need_x:
         means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
-        grad_x = BF.grad_input(grad_out, x_filled, mean, spread, ctx.eps, scale, means[:c], means[c:])
+        # Statistics with some |mean| > 4 std on some rank: center x first (the folded kernel
+        # would cancel). The forward decided it.
+        grad_x = BF.grad_input(grad_out, x_filled, mean, spread, ctx.eps, scale, means[:c], means[c:], ctx.center)
         if mask is not None:  # 0 where padded (finite there, as x was filled)
             grad_x.mul_(ST.expand_mask(mask, x.dim()).to(grad_x.dtype))
     if need_w:
@@ -228,7 +232,7 @@ def _first_order(
         grad_w = grad_w.to(ctx.weight_dtype)
     if need_b:
         grad_b = (sum_dy if sums.grad_bias is None else sums.grad_bias).to(ctx.bias_dtype)
-    return (grad_x, grad_w, grad_b) + (None,) * 12
+    return (grad_x, grad_w, grad_b) + (None,) * 13
 
 
 def _second_order(
@@ -273,4 +277,4 @@ def _second_order(
     grad_b = grads.pop(0) if bias is not None and bias.requires_grad else None
     if grad_x is None and ctx.needs_input_grad[0]:
         grad_x = torch.zeros_like(x)
-    return (grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b if ctx.needs_input_grad[2] else None) + (None,) * 12
+    return (grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b if ctx.needs_input_grad[2] else None) + (None,) * 13

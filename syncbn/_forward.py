@@ -183,7 +183,8 @@ def batch_norm(
                 f"fused CUDA kernels count them in int32), got {max(counts)}; split the batch"
             )
         backward_sync = sync and any(h[1] > 0 for h in head)
-        st = ST.merge_rows(rows, refined=any(h[2] > 0 for h in head))
+        refined = any(h[2] > 0 for h in head)
+        st = ST.merge_rows(rows, refined=refined)
         mean, var, total = st.mean, st.var, count
     else:
         # Compiled steps and CUDA-graph capture: the count stays a tensor and every decision is
@@ -201,6 +202,7 @@ def batch_norm(
             mean = torch.where(usable, mean, running_mean.to(mean.dtype))
             var = torch.where(usable, var, running_var.to(var.dtype))
         backward_sync = sync
+        refined = True  # (the backward centers x: no host read to decide it)
 
     r = d = None
     mean_s, var_s = mean.to(stat), var.to(stat)
@@ -216,7 +218,7 @@ def batch_norm(
         )
     return SyncNormFunction.apply(
         x, weight, bias, mean_s, var_s, eps, total, st.counts if sync else None, group, backward_sync,
-        r, d, usable, mask,
+        r, d, usable, mask, refined,
     )
 
 

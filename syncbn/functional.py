@@ -249,6 +249,7 @@ def grad_input(
     scale: Optional[Tensor],
     mean_dy: Tensor,
     mean_dy_xhat: Tensor,
+    center: bool = False,
 ) -> Tensor:
     """Training-mode batch-norm input gradient from the group's gradient means.
 
@@ -256,10 +257,15 @@ def grad_input(
     per-channel weight, None for 1):
     ``dx = a * (dy - mean_dy - xhat * mean_dy_xhat)``, where both means run over the whole group's
     batch. Computed as ``a * dy + (xhat * (-a * mean_dy_xhat) + (-a * mean_dy))``: one fused
-    eval-mode batch-norm pass over ``x`` and one multiply-add with ``dy``.
+    eval-mode batch-norm pass over ``x`` and one multiply-add with ``dy``. The kernel folds its
+    affine form into ``x * alpha + beta``, which cancels where ``|mean|`` is many standard
+    deviations: ``center=True`` subtracts ``mean`` first (one more pass), for such statistics.
     """
     invstd = torch.rsqrt(var + eps)
     a = invstd if scale is None else scale * invstd
     neg_a = a.neg()
+    if center:
+        x = x - channel_view(mean.to(x.dtype), x.dim())
+        mean = torch.zeros_like(mean)
     out = torch.batch_norm(x, neg_a * mean_dy_xhat, neg_a * mean_dy, mean, var, False, 0.0, eps, False)
     return out.addcmul_(grad_out, channel_view(a, x.dim()))

@@ -210,3 +210,14 @@ def test_refused_dtypes_whole_group_empty() -> None:
         LayerConfig(world=2, x_dtype="float64", p_dtype="float32", channels=1, affine=False,
                     steps=(Step(sizes=(0, 0), spatial=((), ())),))
     )
+
+
+def test_grad_input_at_large_mean_float64() -> None:
+    # Region large_mean_variance, backward (deep profile's example): float64, one sample per rank,
+    # |mean|/std = 1e7. What the harness measured before the fix: grad_input off by 3.5e-12
+    # relative (torch 1.5e-16): the folded eval kernel that applies the input-gradient terms
+    # computes x * alpha + beta, which cancels at large |mean|/std.
+    check_layer(
+        LayerConfig(world=2, channels=1, affine=False, offset=1e7,
+                    steps=(Step(sizes=(1, 1), spatial=((), ())), Step(train=False, sizes=(0, 0), spatial=((), ()))))
+    )
