@@ -119,8 +119,9 @@ def batch_norm(
         checked = True
     if num_features is not None:
         check_input(name, x, num_features)
-    if sync or x.numel():
-        # Unsynchronized, an empty batch passes as in torch (whose kernel looks at no value).
+    if sync or x.numel() or comm.group_size(group) > 1:
+        # In a group of one, an empty batch passes as in torch (whose kernel looks at no value);
+        # in a larger group a rank cannot tell whether the group's batch is empty.
         _check_dtypes(name, x, weight, bias, running_mean, running_var)
     if running_mean is not None and not training:
         return BF.normalize(x, running_mean, running_var, weight, bias, eps, mask)

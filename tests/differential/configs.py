@@ -28,6 +28,7 @@ __all__ = [
     "error_configs",
     "KNOWN_FAILURES",
     "REGIONS",
+    "TORCH_FAILURES",
     "known_failure",
     "layer_configs",
     "model_configs",
@@ -337,8 +338,27 @@ def known_failure(config: object) -> Optional[str]:
     return None
 
 
+def _inductor_empty_rank(c: object) -> bool:
+    """inductor with an empty batch on some rank, in a model with a convolution before its norms."""
+    return (
+        isinstance(c, CompileConfig)
+        and c.backend == "inductor"
+        and c.model != "layer"
+        and any(0 in sizes for sizes in c.sizes)
+    )
+
+
+# Regions where torch itself fails, so there is nothing to compare with: left out of the search
+# for good, each pinned by a test that asserts torch's failure (it fails the day torch is fixed;
+# then remove the region here).
+#   inductor_empty_rank: torch 2.13's inductor cannot run the backward of a convolution whose
+#   batch is empty (an AssertionError on the gradient's strides, torch's own BatchNorm2d alike);
+#   pinned by tests/test_compile.py::test_torch_inductor_fails_on_an_empty_batch.
+TORCH_FAILURES: dict[str, Callable[[object], bool]] = {"inductor_empty_rank": _inductor_empty_rank}
+
+
 def _unknown(config: object) -> bool:
-    return known_failure(config) is None
+    return known_failure(config) is None and not any(pred(config) for pred in TORCH_FAILURES.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -593,11 +593,14 @@ class LayerReference:
         for earlier in self.cfg.steps[: k + 1]:
             if earlier.track is not None:
                 track_now = self.cfg.track and earlier.track
-        passes_params = self.cfg.affine or track_now  # tensors of the parameter dtype reach the kernel
-        if step.train and w > 1 and passes_params and REGIONS["torch_refused_dtypes"](self.cfg):
-            # Dtypes torch's kernel refuses, in a synchronized call: ValueError on every rank before
-            # any collective, also where the whole group's batch is empty (torch, looking at no
-            # value, would pass; no rank can know that before the collective).
+        # Tensors of the parameter dtype reach the kernel: weight and bias, and the buffers (in
+        # training while tracking, in eval whenever they exist).
+        passes_params = self.cfg.affine or (track_now if step.train else self.cfg.track)
+        if w > 1 and passes_params and REGIONS["torch_refused_dtypes"](self.cfg):
+            # Dtypes torch's kernel refuses, in a group of several ranks: ValueError on every rank
+            # (in training before any collective), also where the whole group's batch is empty
+            # (torch, looking at no value, would pass; no rank can know that before the
+            # collective, and in eval each rank sees its own batch only).
             return Expected(errors=["ValueError: parameter dtypes torch refuses for this input"] * w)
         try:
             outs["own"] = self.own.call(step, xs, gs)

@@ -221,3 +221,13 @@ def test_grad_input_at_large_mean_float64() -> None:
         LayerConfig(world=2, channels=1, affine=False, offset=1e7,
                     steps=(Step(sizes=(1, 1), spatial=((), ())), Step(train=False, sizes=(0, 0), spatial=((), ()))))
     )
+
+
+def test_refused_dtypes_in_eval_on_an_empty_rank() -> None:
+    # Region torch_refused_dtypes (deep profile's example): eval, rank 0's batch empty, rank 1's
+    # not. What the harness measured before the fix: rank 0 returned an empty result while torch
+    # (and rank 1) refuse the dtypes; every rank of a group of several now raises ValueError.
+    check_layer(
+        LayerConfig(world=2, x_dtype="float64", p_dtype="float32", channels=1,
+                    steps=(Step(train=False, sizes=(0, 1), spatial=((1,), (1,))),))
+    )
