@@ -68,8 +68,8 @@ def _check_dtypes(name: str, x: Tensor, *params: Optional[Tensor]) -> None:
             continue
         wanted = f"{x.dtype}" + (" or torch.float32" if x.dtype in ST.HALF_DTYPES else "")
         raise ValueError(
-            f"{name}: input of dtype {x.dtype} with parameters or buffers of dtype {p.dtype}; batch "
-            f"norm takes them in {wanted}. Cast the input (x.to({p.dtype})) or the layer "
+            f"{name}: expected parameters and buffers of dtype {wanted} for an input of dtype "
+            f"{x.dtype}, got {p.dtype}. Cast the input (x.to({p.dtype})) or the layer "
             f"(layer.to({x.dtype})), or run the model under torch.autocast"
         )
 
@@ -185,7 +185,7 @@ def batch_norm(
             )
         backward_sync = sync and any(h[1] > 0 for h in head)
         refined = any(h[2] > 0 for h in head)
-        st = ST.merge_rows(rows, refined=refined)
+        st = ST.merge_rows(rows, refined=refined, total=count)
         mean, var, total = st.mean, st.var, count
     else:
         # Compiled steps and CUDA-graph capture: the count stays a tensor and every decision is

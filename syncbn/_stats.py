@@ -220,19 +220,18 @@ class GroupStats(NamedTuple):
     Attributes:
         mean: ``(C,)`` mean over every rank's values.
         var: ``(C,)`` biased variance.
-        count: 0-dim total count per channel (exact below 2**53).
+        count: 0-dim total count per channel (exact below 2**53), or the Python number the
+            caller passed as ``total``.
         counts: ``(W,)`` each rank's count, in group-rank order.
-        any_grad: 0-dim, 1.0 when some rank's input needs a gradient.
     """
 
     mean: Tensor
     var: Tensor
-    count: Tensor
+    count: Union[Tensor, float]
     counts: Tensor
-    any_grad: Tensor
 
 
-def merge_rows(rows: Tensor, refined: bool = True) -> GroupStats:
+def merge_rows(rows: Tensor, refined: bool = True, total: Optional[float] = None) -> GroupStats:
     """Merge every rank's :func:`local_row` (``(W, 3C + 3)``, group-rank order) into the group's statistics.
 
     Chan, Golub and LeVeque's pairwise update in closed form, around the shared reference
@@ -240,21 +239,24 @@ def merge_rows(rows: Tensor, refined: bool = True) -> GroupStats:
     ``mean = K + m``, ``var = (sum n_i var_i + sum n_i (d_i - m)^2) / M``. Empty ranks weigh
     nothing; an empty group gives zeros. No host read. ``refined=False`` tells that no rank sent
     a correction (every channel's ``|mean| <= 4 std`` on every rank): then ``K = 0`` loses nothing
-    and the merge takes a third of the operations.
+    and the merge takes a third of the operations. ``total``: the group's count, when the caller
+    read it on the host already (no reduction for it then).
     """
     c = (rows.shape[1] - 3) // 3
     hi, lo, var = rows[:, :c], rows[:, c : 2 * c], rows[:, 2 * c : 3 * c]
     counts = rows[:, 3 * c]
-    any_grad = rows[:, 3 * c + 1].amax()
-    total = counts.sum()
+    if total is None:
+        total = counts.sum()
+        safe: Union[Tensor, float] = total.clamp(min=1.0)
+    else:
+        safe = float(max(total, 1))
     if rows.shape[0] == 1:
-        return GroupStats(hi[0] + lo[0], var[0], total, counts, any_grad)
+        return GroupStats(hi[0] + lo[0], var[0], total, counts)
     n = counts.unsqueeze(1)
-    safe = total.clamp(min=1.0)
     if not refined:
         mean = torch.mv(hi.t(), counts).div_(safe)
         d = hi - mean
-        return GroupStats(mean, torch.mv(torch.addcmul(var, d, d).t(), counts).div_(safe), total, counts, any_grad)
+        return GroupStats(mean, torch.mv(torch.addcmul(var, d, d).t(), counts).div_(safe), total, counts)
     nonempty = counts > 0
     present = nonempty.unsqueeze(1)
     # The first non-empty rank's hi, selected without indexing by a value (compile-friendly) and
@@ -269,4 +271,4 @@ def merge_rows(rows: Tensor, refined: bool = True) -> GroupStats:
     # kernel gives the plain weighted mean there (inf, or NaN for inf and -inf). A rank whose
     # statistics are not finite never sends a correction (its lo is 0).
     plain = torch.where(present, n * (hi + lo), 0).sum(0) / safe
-    return GroupStats(torch.where(mean.isfinite(), mean, plain), spread / safe, total, counts, any_grad)
+    return GroupStats(torch.where(mean.isfinite(), mean, plain), spread / safe, total, counts)

@@ -239,6 +239,13 @@ class SyncBatchNorm(_BatchNorm):
 
     @process_group.setter
     def process_group(self, group: Optional[comm.ProcessGroup]) -> None:
+        if isinstance(group, (str, bool, int, float, torch.device, torch.dtype)):
+            # nn.BatchNorm2d's 6th and 7th positional arguments are device and dtype; here (as in
+            # nn.SyncBatchNorm) the 6th is the process group.
+            raise TypeError(
+                f"{type(self).__name__}: process_group must be a torch.distributed ProcessGroup or "
+                f"None, got {group!r}; pass device and dtype by keyword (device=..., dtype=...)"
+            )
         # Held through a GroupRef so that copy.deepcopy (EMA models) and pickling keep working.
         self._group_ref = comm.GroupRef(group)
 
@@ -278,6 +285,14 @@ class SyncBatchNorm(_BatchNorm):
         return extra
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``input`` ``(N, C, *)`` with the group's batch statistics (training) or the
+        running statistics (eval); the output has ``input``'s shape, dtype and memory format.
+
+        ``mask`` (bool, ``(N, *)``: the input's shape without the channel dim, True where a
+        position holds data) restricts the statistics to the valid positions of every rank; the
+        output is 0 elsewhere. Without it, a mask set by :func:`syncbn.masked` applies, if any.
+        Raises ``ValueError`` as listed in the class docstring.
+        """
         if _compat.is_fx_tracing():
             return _fx_call(self, input, mask)
         name = self._layer_name()

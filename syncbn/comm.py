@@ -68,10 +68,10 @@ def group_size(group: Optional[ProcessGroup] = None) -> int:
 
 def _failed(what: str, how: str, err: BaseException) -> RuntimeError:
     return RuntimeError(
-        f"{what} failed {how}: {err}. If the backend refused the tensor, use a backend that "
-        "supports this device (NCCL for CUDA tensors, Gloo for CPU tensors). If a peer rank "
-        "crashed, exited or skipped this layer (a timeout or closed connection), look at that "
-        "rank's log; SYNCBN_DEBUG=1 checks that all ranks call the same layers."
+        f"{what} failed {how}: {err}. If a peer rank crashed, exited or skipped this layer (a "
+        "timeout or closed connection), look at that rank's log; SYNCBN_DEBUG=1 checks that all "
+        "ranks call the same layers. If the backend refused the tensor, use a backend that "
+        "supports this device (NCCL for CUDA tensors, Gloo for CPU tensors)."
     )
 
 

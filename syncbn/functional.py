@@ -83,11 +83,16 @@ def update_running_stats(
         # torch's order (Normalization.cpp's update): (1 - m) * running + m * batch. lerp_ would
         # compute running + m * (batch - running), NaN where running is infinite.
         keep = 1 - factor
+        batch = mean.to(running_mean.dtype)
         if isinstance(factor, Tensor):
-            running_mean.mul_(keep).addcmul_(mean.to(running_mean.dtype), factor)
+            running_mean.mul_(keep).addcmul_(batch, factor)
             running_var.mul_(keep).addcmul_(unbiased, factor)
+        elif running_mean.dtype == running_var.dtype and running_mean.device == running_var.device:
+            # Both buffers in one launch per step (torch's multi-tensor kernels on CUDA).
+            torch._foreach_mul_([running_mean, running_var], keep)
+            torch._foreach_add_([running_mean, running_var], [batch, unbiased], alpha=factor)
         else:
-            running_mean.mul_(keep).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_mean.mul_(keep).add_(batch, alpha=factor)
             running_var.mul_(keep).add_(unbiased, alpha=factor)
 
 

@@ -278,6 +278,15 @@ def test_renorm_takes_syncbatchnorm_positional_order():
         syncbn.SyncBatchRenorm(4, 1e-5, 0.01, True, False)
 
 
+@pytest.mark.parametrize("misplaced", ["cpu", torch.device("cpu"), torch.float32])
+def test_device_in_the_process_group_slot_raises_at_construction(misplaced):
+    # nn.BatchNorm2d's 6th positional argument is device; nn.SyncBatchNorm's (and ours) the group.
+    with pytest.raises(TypeError, match="pass device and dtype by keyword"):
+        syncbn.SyncBatchNorm(4, 1e-5, 0.1, True, True, misplaced)
+    with pytest.raises(TypeError, match="process_group must be"):
+        syncbn.SyncBatchRenorm(4, 1e-5, 0.01, True, True, misplaced)
+
+
 def test_group_norm_act_takes_timms_argument_order():
     layer = syncbn.GroupNormAct(16, 4, act=nn.ReLU())
     assert layer.num_channels == 16 and layer.num_groups == 4
