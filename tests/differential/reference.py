@@ -596,7 +596,10 @@ class LayerReference:
         # Tensors of the parameter dtype reach the kernel: weight and bias, and the buffers (in
         # training while tracking, in eval whenever they exist).
         passes_params = self.cfg.affine or (track_now if step.train else self.cfg.track)
-        if w > 1 and passes_params and REGIONS["torch_refused_dtypes"](self.cfg):
+        # Batch Renormalization's reference is its closed form (no torch kernel to refuse): its
+        # layer refuses like the others, on any non-empty batch in a group of one.
+        renorm_refuses = self.cfg.kind == "renorm" and any(x.numel() for x in xs)
+        if (w > 1 or renorm_refuses) and passes_params and REGIONS["torch_refused_dtypes"](self.cfg):
             # Dtypes torch's kernel refuses, in a group of several ranks: ValueError on every rank
             # (in training before any collective), also where the whole group's batch is empty
             # (torch, looking at no value, would pass; no rank can know that before the

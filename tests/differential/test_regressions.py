@@ -231,3 +231,13 @@ def test_refused_dtypes_in_eval_on_an_empty_rank() -> None:
         LayerConfig(world=2, x_dtype="float64", p_dtype="float32", channels=1,
                     steps=(Step(train=False, sizes=(0, 1), spatial=((1,), (1,))),))
     )
+
+
+def test_renorm_refuses_dtypes_in_a_group_of_one() -> None:
+    # Region torch_refused_dtypes with SyncBatchRenorm on one rank (deep profile's example):
+    # float64 input, float32 buffers. Its reference is the closed form, so nothing refused there;
+    # the layer (whose kernel would raise RuntimeError) raises ValueError, as for plain batch norm.
+    check_layer(
+        LayerConfig(world=1, kind="renorm", x_dtype="float64", p_dtype="float32", channels=1, affine=False,
+                    r_max=1.0, d_max=0.0, steps=(Step(sizes=(2,), spatial=((),)),))
+    )
