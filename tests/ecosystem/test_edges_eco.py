@@ -74,10 +74,20 @@ def _compiled_ddp_uneven_last_batch(rank: int, world_size: int) -> None:
     """torch.compile(DDP(converted resnet18)), 3 images per rank, then a last batch of 3 and 2."""
     import torch._dynamo
 
+    import datetime
+
+    import torch.distributed as dist
+
     torch._dynamo.reset()
     torch.set_num_threads(1)
+    # At the last batch rank 1 recompiles (a new batch size) while rank 0 waits for it in the
+    # first collective: on a loaded 2-core machine inductor takes minutes, longer than the pool's
+    # 60 s group timeout. A group with a timeout that covers a compilation, as a user would set.
+    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=600))
     ref = build("resnet18")
-    model = nn.parallel.DistributedDataParallel(syncbn.convert_sync_bn(copy.deepcopy(ref)))
+    model = nn.parallel.DistributedDataParallel(
+        syncbn.convert_sync_bn(copy.deepcopy(ref), process_group=group), process_group=group
+    )
     compiled = torch.compile(model)
     gen = torch.Generator().manual_seed(3)
     for step, sizes in enumerate([[3, 3], [3, 3], [3, 2]]):
@@ -92,6 +102,7 @@ def _compiled_ddp_uneven_last_batch(rank: int, world_size: int) -> None:
         for (name, b), c in zip(ref.named_buffers(), model.module.buffers()):
             if b.is_floating_point():
                 assert_close(c, b, 1e-9, f"step {step} {name}")
+    dist.destroy_process_group(group)
 
 
 def test_compiled_ddp_with_an_uneven_last_batch_equals_one_process():
