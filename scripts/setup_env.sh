@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Create .venv and install syncbn with its test and example dependencies (CPU build of torch).
+# Create .venv and install syncbn with its test and example dependencies.
 #
 # Usage: bash scripts/setup_env.sh               # then: . .venv/bin/activate
 #        bash scripts/setup_env.sh --ecosystem   # .venv-eco for tests/ecosystem (timm, torchvision, Lightning)
 #   VENV=path  where to put the virtual environment (default .venv, or .venv-eco with --ecosystem)
 #   PYTHON     interpreter to create it with (default python3)
 #
-# A bare `pip install torch` with nothing installed pulls a multi-GB CUDA build; this installs the
-# pinned CPU build first when torch is missing. Set TORCH_SPEC to choose another (e.g. "torch").
+# When torch is missing this installs TORCH_SPEC (default torch==2.13.0) first. Which build that
+# is depends on pip's index: from PyPI on Linux it is the multi-GB CUDA build; for the CPU build
+# there, run with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# TORCH_SPEC=torch==2.13.0+cpu. Set TORCH_SPEC to choose another version (e.g. "torch").
 # --ecosystem installs the versions pinned in scripts/ecosystem-requirements.txt (torch 2.14.1,
 # torchvision, timm, Lightning) and syncbn with its test extra.
 set -euo pipefail
