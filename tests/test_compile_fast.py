@@ -13,16 +13,13 @@ step would otherwise have to fill while being traced).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 import syncbn
 
 from .harness import run_on_fresh_ranks
-from .parity import assert_close
-from .test_compile import TOL, _autocast_parity, _compare, _reset
+from .test_compile import _autocast_parity, _one_graph_equal_to_eager, _reset
 
 
 class _ResidualNet(nn.Module):
@@ -46,21 +43,7 @@ def _small_model_no_breaks(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     model = syncbn.convert_sync_bn(_ResidualNet()).double().train()
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64) + rank
-    explained = torch._dynamo.explain(copy.deepcopy(model))(x)
-    reasons = [str(r.reason) for r in explained.break_reasons]
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
-    _reset()
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for step in range(2):
-        xe = (x + step).requires_grad_()
-        xc = (x + step).requires_grad_()
-        ye, yc = eager(xe), compiled(xc)
-        assert_close(yc, ye, TOL, f"step {step} logits")
-        ye.square().sum().backward()
-        yc.square().sum().backward()
-        assert_close(xc.grad, xe.grad, TOL, f"step {step} grad_input")
-        _compare(eager, model, f"step {step}")
+    _one_graph_equal_to_eager(model, x)
 
 
 def test_converted_residual_net_is_one_graph():

@@ -323,23 +323,27 @@ class _Engine:
             xg = xg.flip(0) if xg is not None else None
         ys = self._split(y.detach(), xs, same)
         xgs = self._split(xg, xs, same) if xg is not None else [None] * len(xs)
-        # torch's error in applying the batch's exact statistics (rounded to the statistics dtype)
-        # with its eval-mode kernel, as a synchronized layer must: its folded x * a + b form
-        # cancels at large |mean|/std, where the training kernel on the whole batch may not.
-        applied = [None] * len(xs)
-        if self.xd != torch.float64 and (bn.training or bn.running_mean is None) and y.numel():
-            with torch.no_grad():
-                cd = stat_dtype(self.xd)
-                f64 = full.detach().double()
-                dims = [0] + list(range(2, f64.dim()))
-                mean, var = f64.mean(dims), f64.var(dims, unbiased=False)
-                w = bn.weight.detach().to(cd) if bn.weight is not None else None
-                b = bn.bias.detach().to(cd) if bn.bias is not None else None
-                ya = torch.batch_norm(full.detach(), w, b, mean.to(cd), var.to(cd), False, 0.0, bn.eps, False)
-                if self.reverse:
-                    ya = ya.flip(0)
-            applied = self._split(ya, xs, same)
+        applied = self._applied(bn, full, y, xs, same)
         return [{"y": yr, "xg": xgr, "wg": wg, "bg": bg, "y_applied": ya_r} for yr, xgr, ya_r in zip(ys, xgs, applied)]
+
+    def _applied(self, bn: nn.Module, full: Tensor, y: Tensor, xs: list[Tensor], same: bool) -> list:
+        """torch's error in applying the batch's exact statistics (rounded to the statistics dtype)
+        with its eval-mode kernel, as a synchronized layer must: its folded ``x * a + b`` form
+        cancels at large |mean|/std, where the training kernel on the whole batch may not. Per rank,
+        None where the output does not come from batch statistics (or is float64)."""
+        if not (self.xd != torch.float64 and (bn.training or bn.running_mean is None) and y.numel()):
+            return [None] * len(xs)
+        with torch.no_grad():
+            cd = stat_dtype(self.xd)
+            f64 = full.detach().double()
+            dims = [0] + list(range(2, f64.dim()))
+            mean, var = f64.mean(dims), f64.var(dims, unbiased=False)
+            w = bn.weight.detach().to(cd) if bn.weight is not None else None
+            b = bn.bias.detach().to(cd) if bn.bias is not None else None
+            ya = torch.batch_norm(full.detach(), w, b, mean.to(cd), var.to(cd), False, 0.0, bn.eps, False)
+            if self.reverse:
+                ya = ya.flip(0)
+        return self._split(ya, xs, same)
 
     def _renorm(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> list[dict]:
         """Batch Renormalization's closed form (ANCHORS.md) in the statistics dtype."""
@@ -413,22 +417,7 @@ class _Engine:
             xg = xg.flip(0) if xg is not None else None
         ys = self._split(y.detach(), xs, same)
         xgs = self._split(xg, xs, same) if xg is not None else [None] * len(xs)
-        # torch's error in applying the batch's exact statistics (rounded to the statistics dtype)
-        # with its eval-mode kernel, as a synchronized layer must: its folded x * a + b form
-        # cancels at large |mean|/std, where the training kernel on the whole batch may not.
-        applied = [None] * len(xs)
-        if self.xd != torch.float64 and (bn.training or bn.running_mean is None) and y.numel():
-            with torch.no_grad():
-                cd = stat_dtype(self.xd)
-                f64 = full.detach().double()
-                dims = [0] + list(range(2, f64.dim()))
-                mean, var = f64.mean(dims), f64.var(dims, unbiased=False)
-                w = bn.weight.detach().to(cd) if bn.weight is not None else None
-                b = bn.bias.detach().to(cd) if bn.bias is not None else None
-                ya = torch.batch_norm(full.detach(), w, b, mean.to(cd), var.to(cd), False, 0.0, bn.eps, False)
-                if self.reverse:
-                    ya = ya.flip(0)
-            applied = self._split(ya, xs, same)
+        applied = [None] * len(xs)  # the kernel form is already the output here (r and d folded in)
         return [{"y": yr, "xg": xgr, "wg": wg, "bg": bg, "y_applied": ya_r} for yr, xgr, ya_r in zip(ys, xgs, applied)]
 
     def _momentum_for_step_after_count(self) -> float:
