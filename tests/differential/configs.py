@@ -39,7 +39,12 @@ __all__ = [
 # Regions that a regression test in test_regressions.py pins as a known failure. The strategies
 # skip a configuration for which REGIONS[name](config) holds while name is listed here. Remove a
 # name once the library is fixed (the regression test's xfail mark goes at the same time).
-KNOWN_FAILURES: set[str] = set()  # every region in REGIONS holds now (see test_regressions.py)
+KNOWN_FAILURES: set[str] = {
+    # float32 statistics overflow where the batch's variance exceeds float32's range (values beyond
+    # about 1e19): the output is 0 where torch's training kernel (which never stores the variance
+    # in float32) still normalizes. Pinned by test_float32_variance_beyond_float32_range.
+    "float32_variance_overflow",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +317,15 @@ def _inf_input(c: object) -> bool:
     return 2 * (c.log_scale + math.log10(max(c.offset, 1.0)) + 0.7) >= top
 
 
+def _float32_variance_overflow(c: object) -> bool:
+    """float32 input whose spread makes the batch variance exceed float32's range (~3.4e38)."""
+    return (
+        isinstance(c, LayerConfig)
+        and c.x_dtype == "float32"
+        and c.log_scale + math.log10(max(c.offset, 1.0)) >= 18.5
+    )
+
+
 REGIONS: dict[str, Callable[[object], bool]] = {
     "track_running_stats_toggle": _layer_steps_before_eval_toggle_off,
     "large_mean_variance": _large_mean,
@@ -326,6 +340,7 @@ REGIONS: dict[str, Callable[[object], bool]] = {
     "debias_zero_momentum": _debias_zero,
     "rank_local_input_error": _partial_errors,
     "inf_running_stats_nan": _inf_input,
+    "float32_variance_overflow": _float32_variance_overflow,
 }
 
 

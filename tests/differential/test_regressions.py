@@ -241,3 +241,17 @@ def test_renorm_refuses_dtypes_in_a_group_of_one() -> None:
         LayerConfig(world=1, kind="renorm", x_dtype="float64", p_dtype="float32", channels=1, affine=False,
                     r_max=1.0, d_max=0.0, steps=(Step(sizes=(2,), spatial=((),)),))
     )
+
+
+@pytest.mark.xfail(strict=True, reason="float32 statistics: a batch variance beyond float32's range (values ~1e19) gives output 0; torch still normalizes")
+def test_float32_variance_beyond_float32_range() -> None:
+    # Region float32_variance_overflow (deep profile's example, SyncBatchRenorm at r_max=1, d_max=0,
+    # which is plain batch norm). float32 values ~1e19: the variance (~1e38) overflows float32 in
+    # torch's statistics kernel, which syncbn uses per rank; torch's training kernel computes
+    # invstd without storing the variance and normalizes (output 1.23 where syncbn gives 0).
+    check_layer(
+        LayerConfig(world=3, kind="renorm", x_dtype="float32", p_dtype="float32", channels=1, affine=False,
+                    r_max=1.0, d_max=0.0, log_scale=19.0, seed=57,
+                    steps=(Step(sizes=(0, 1, 3), spatial=((3,), (3,), (3,))),
+                           Step(sizes=(0, 0, 1), spatial=((3,), (3,), (3,))),))
+    )
