@@ -2,10 +2,11 @@
 
 fast (default): seeded (derandomized), a few dozen examples in all, part of the README's suite.
 deep: the tests marked ``deep``; skipped unless selected with ``-m deep`` (or
-``SYNCBN_DIFF_PROFILE=deep``). Random seeds, several minutes (bounded by their max_examples).
+``SYNCBN_DIFF_PROFILE=deep``). Seeded like the fast profile unless ``SYNCBN_DIFF_RANDOM=1``
+(new configurations every run); several minutes (bounded by their max_examples).
 
     .venv/bin/python -m pytest -n 2 tests/differential              # fast profile
-    .venv/bin/python -m pytest -n 2 -m deep tests/differential      # deep profile (CI's extra tier)
+    .venv/bin/python -m pytest -n 2 -m deep tests/differential      # deep profile (by hand)
 """
 
 from __future__ import annotations
