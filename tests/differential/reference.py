@@ -294,17 +294,23 @@ class _Engine:
             out.append(part if same else _unrows(part, tuple(x.shape)))
         return out
 
-    def _run(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> list[dict]:
-        bn = self.bn
+    def _inputs(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> tuple[Tensor, Tensor, bool]:
+        """The concatenated batch and upstream gradient (reversed if asked), gradients switched
+        on as ``step.grad`` wants them and cleared."""
         full, same = self._concat(xs)
         gfull, _ = self._concat(gs)
         if self.reverse:
             full, gfull = full.flip(0), gfull.flip(0)
         want_x, want_p = _wants(step.grad)
         full = full.detach().requires_grad_(want_x)
-        for p in bn.parameters():
+        for p in self.bn.parameters():
             p.requires_grad_(want_p)
             p.grad = None
+        return full, gfull, same
+
+    def _run(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> list[dict]:
+        bn = self.bn
+        full, gfull, same = self._inputs(step, xs, gs)
         m = bn.momentum
         bn.momentum = self._momentum_for_step()
         try:
@@ -349,15 +355,8 @@ class _Engine:
         """Batch Renormalization's closed form (ANCHORS.md) in the statistics dtype."""
         bn, cfg = self.bn, self.cfg
         cd = stat_dtype(self.xd)
-        full, same = self._concat(xs)
-        gfull, _ = self._concat(gs)
-        if self.reverse:
-            full, gfull = full.flip(0), gfull.flip(0)
-        want_x, want_p = _wants(step.grad)
-        full = full.detach().requires_grad_(want_x)
-        for p in bn.parameters():
-            p.requires_grad_(want_p)
-            p.grad = None
+        full, gfull, same = self._inputs(step, xs, gs)
+        want_p = _wants(step.grad)[1]
         t_before = int(bn.num_batches_tracked)
         r_max, d_max = _limits(cfg, t_before)
         bn.num_batches_tracked.add_(1)
