@@ -187,6 +187,11 @@ def batch_norm(
         refined = any(h[2] > 0 for h in head)
         st = ST.merge_rows(rows, refined=refined, total=count)
         mean, var, total = st.mean, st.var, count
+        if refined and stat != torch.float64:
+            # (A variance beyond the statistics dtype's range marks its row refined.)
+            overflow = _variance_overflow(mean, var, stat)
+            if bool(overflow.any()):
+                raise ValueError(_overflow_message(name, stat, var, overflow))
     else:
         # Compiled steps and CUDA-graph capture: the count stays a tensor and every decision is
         # tensor arithmetic that every rank computes alike, with no host read.
@@ -202,6 +207,11 @@ def batch_norm(
         else:
             mean = torch.where(usable, mean, running_mean.to(mean.dtype))
             var = torch.where(usable, var, running_var.to(var.dtype))
+        if stat != torch.float64:
+            _compat.assert_async(
+                ~_variance_overflow(mean, var, stat).any(),
+                f"{name}: the batch variance of some channel exceeds the range of {stat}; " + _OVERFLOW_REMEDY,
+            )
         backward_sync = sync
         refined = True  # (the backward centers x: no host read to decide it)
 
@@ -216,10 +226,31 @@ def batch_norm(
         BF.update_running_stats(
             running_mean, running_var, mean, var, total,
             factor if usable is None else usable.to(torch.float64) * factor,  # float64, as a Python float
+            round_once=not _kernels.uses_fused_kernels(x),
         )
     return SyncNormFunction.apply(
         x, weight, bias, mean_s, var_s, eps, total, st.counts if sync else None, group, backward_sync,
         r, d, usable, mask, refined,
+    )
+
+
+_OVERFLOW_REMEDY = "normalize in float64 (x.double() and layer.double()) or scale the input down"
+
+
+def _variance_overflow(mean: Tensor, var: Tensor, stat: torch.dtype) -> Tensor:
+    """Channels whose float64 batch variance the statistics dtype cannot hold, with a finite mean.
+
+    (An infinite value in the batch makes the mean non-finite: NaN statistics, as in torch.)
+    """
+    return mean.isfinite() & (var > torch.finfo(stat).max)
+
+
+def _overflow_message(name: str, stat: torch.dtype, var: Tensor, overflow: Tensor) -> str:
+    c = int(overflow.nonzero()[0, 0])
+    return (
+        f"{name}: expected batch variances within the range of {stat} (at most "
+        f"{torch.finfo(stat).max:.3g}), got {float(var[c]):.3g} for channel {c}: normalizing with it "
+        f"would give 0 for every value. {_OVERFLOW_REMEDY[0].upper() + _OVERFLOW_REMEDY[1:]}."
     )
 
 

@@ -46,6 +46,9 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # |mean| exceeds this many standard deviations: below it, rounding the mean to its dtype costs the
 # group's variance less than a few units in the last place (see local_row).
 _REFINE_RATIO = 4.0
+# A row whose variance exceeds this fraction of its dtype's largest value is flagged too (as
+# refined), so that the forward checks the group's variance fits the statistics dtype.
+_FLAG_VARIANCE = 1.0 / 128
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,44 +104,62 @@ def _kernel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
-def _mean_correction(x: Tensor, mean: Tensor, dims: list[int], mask: Optional[Tensor]) -> Tensor:
-    """``mean(x - mean)`` in float64, for ``mean`` in the statistics dtype: what rounding the mean lost.
+def _refine(x: Tensor, hi: Tensor, dims: list[int], wide: bool = False) -> tuple[Tensor, Tensor]:
+    """float64 ``lo = mean(x - hi)`` and biased variance ``mean((x - hi)**2) - lo**2`` around ``hi``.
 
-    ``x - mean`` (in the statistics dtype, which holds every value of ``x`` exactly) is exact where
-    ``x`` lies within a factor 2 of ``mean`` (Sterbenz), which is the case this is called for
-    (``|mean|`` many standard deviations away from 0), so the correction is accurate to the
-    dtype's epsilon times the spread instead of times the mean.
+    ``hi`` is the mean in the statistics dtype, as torch's kernel rounded it; the kernel's variance
+    is the second moment around that rounded mean (``var + lo**2``), not the variance. ``x - hi``
+    (in the statistics dtype, which holds every value of ``x`` exactly) is exact where ``x`` lies
+    within a factor 2 of ``hi`` (Sterbenz), which is the case this is called for (``|mean|`` many
+    standard deviations away from 0), so both are accurate to the dtype's epsilon times the
+    spread instead of times the mean. ``wide=True`` computes in float64 throughout (a float64
+    copy of ``x``): for deviations whose squares overflow the statistics dtype.
     """
-    diff = x - channel_view(mean, x.dim())
-    if mask is not None:
-        diff = torch.where(expand_mask(mask, x.dim()), diff, 0)
-    n = x.numel() // x.shape[1] if mask is None else mask.sum()
-    return diff.sum(dims, dtype=torch.float64) / n
+    if wide:
+        diff = x.double() - channel_view(hi.double(), x.dim())
+    else:
+        diff = x - channel_view(hi, x.dim())
+    n = x.numel() // x.shape[1]
+    lo = diff.sum(dims, dtype=torch.float64) / n
+    second = (diff * diff).sum(dims, dtype=torch.float64) / n
+    return lo, (second - lo * lo).clamp_(min=0.0)
 
 
-def _masked_stats(x: Tensor, mask: Tensor, count: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
-    """float64 mean and biased variance over the valid positions of ``x`` (any values where padded).
+def _masked_stats(x: Tensor, mask: Tensor, count: Tensor, dims: list[int]) -> tuple[Tensor, Tensor, bool]:
+    """float64 mean and biased variance over the valid positions of ``x`` (any values where padded), and a flag.
 
     On CPU: torch's statistics kernel over ``x`` with its padding set to 0 (one copy, one pass),
     then the valid positions' statistics in closed form from those of the whole:
     ``mean = mean_z * T / n``, ``var = (var_z - mean_z**2 * (T - n) / n) * T / n`` (``T`` positions,
     ``n`` valid). Where that subtraction would cancel (some channel's ``mean_z**2 (T - n) / n``
-    above ``var_z / 16``), and on other devices (no host read there), two passes over the valid
-    values instead, accumulated in float64.
+    above ``var_z / 16``), where the kernel's rounded mean would show (some ``|mean| > 4 std``),
+    and on other devices (no host read there), two passes over the valid values instead, with
+    float64 sums, the variance taken around the exact mean. The flag (CPU only) is True where
+    some variance nears the statistics dtype's range: then the passes run in float64 (torch's
+    kernel squares deviations in the input's dtype) and the forward checks the group's variance.
     """
     m = expand_mask(mask, x.dim())
     n = count.clamp(min=1.0)
     xz = torch.where(m, x, 0)
+    stat = stat_dtype(x.dtype)
     total = xz.numel() // xz.shape[1] if xz.shape[1] else 0
+    wide = False
     if x.device.type == "cpu" and total:
         mean_z, var_z = (t.double() for t in _kernel_stats(xz))
         shrink = (total - count) / n  # padded positions per valid one
-        if (var_z - 16.0 * shrink * mean_z.square()).min().item() >= 0:
-            return mean_z * (total / n), (var_z - shrink * mean_z.square()) * (total / n)
-    xs = xz.to(stat_dtype(x.dtype))
-    mean = xs.sum(dims, dtype=torch.float64) / n
-    dev = torch.where(m, xs - channel_view(mean.to(xs.dtype), x.dim()), 0)
-    return mean, (dev * dev).sum(dims, dtype=torch.float64) / n
+        mean, var = mean_z * (total / n), (var_z - shrink * mean_z.square()) * (total / n)
+        cancel, rounding, top = torch.stack(
+            [(var_z - 16.0 * shrink * mean_z.square()).min(), (16.0 * var - mean.square()).min(), var_z.max()]
+        ).tolist()
+        wide = stat != torch.float64 and top > _FLAG_VARIANCE * torch.finfo(stat).max
+        if cancel >= 0 and rounding >= 0 and not wide:
+            return mean, var, False
+    xs = xz.double() if wide else xz.to(stat)
+    hi = (xs.sum(dims, dtype=torch.float64) / n).to(xs.dtype)
+    dev = torch.where(m, xs - channel_view(hi, x.dim()), 0)
+    lo = dev.sum(dims, dtype=torch.float64) / n
+    var = ((dev * dev).sum(dims, dtype=torch.float64) / n - lo * lo).clamp_(min=0.0)
+    return hi.double() + lo, var, wide
 
 
 def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:
@@ -147,8 +168,8 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
     f64 = dict(dtype=torch.float64, device=x.device)
     if mask is not None:
         count = mask.sum(dtype=torch.float64)  # a tensor: no host read
-        mean, var = _masked_stats(x, mask, count, dims)
-        tail = torch.stack([count, count.new_tensor(needs_grad), count.new_zeros(())])
+        mean, var, flagged = _masked_stats(x, mask, count, dims)
+        tail = torch.stack([count, count.new_tensor(needs_grad), count.new_tensor(float(flagged))])
         return torch.cat([mean, _constant((0.0,) * c, x.device), var, tail])
     count = x.numel() // c if c else 0
     if count == 0:
@@ -160,11 +181,25 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
         mean, var = _kernel_stats(x)
     lo, refined = None, 0.0
     # Refine the mean where rounding it to its dtype would show in the group's variance (some
-    # channel's mean^2 > 16 var). CPU only, where the host read is free. Never on the fused path,
-    # which is CUDA's (its CPU emulation in tests behaves as CUDA does).
+    # channel's mean^2 > 16 var), and flag a variance beyond its dtype's range with a finite mean
+    # (the forward then refuses the batch). CPU only, where the host read is free. Never on the
+    # fused path, which is CUDA's (its CPU emulation in tests behaves as CUDA does).
     if not fused and x.device.type == "cpu":
-        if torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2).min().item() < 0:
-            lo, refined = _mean_correction(x, mean, dims, None), 1.0
+        spread = torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2)
+        low, top = torch.stack([spread.min(), var.max()]).tolist()
+        if var.dtype != torch.float64 and top > _FLAG_VARIANCE * torch.finfo(var.dtype).max:
+            # A variance near or beyond the statistics dtype's range (torch's kernel squares the
+            # deviations in that dtype: inf once one of them exceeds its square root): float64
+            # statistics, and the row flagged (as refined) so that the forward checks the group's
+            # variance fits. Unrefined rows keep mean^2 <= 16 var, so the group's variance is at
+            # most 65 times the largest row's. Not for a batch holding inf (NaN statistics, as
+            # in torch).
+            if bool(mean.isfinite().all()):
+                lo, var = _refine(x, mean, dims, wide=True)
+            refined = 1.0
+        elif low < 0:
+            lo, var = _refine(x, mean, dims)
+            refined = 1.0
     if lo is None:
         lo = _constant((0.0,) * c, x.device)
     return torch.cat([mean, lo, var, _constant((float(count), needs_grad, refined), x.device)])

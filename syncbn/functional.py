@@ -64,8 +64,12 @@ def update_running_stats(
     var: Tensor,
     count: Union[int, Tensor],
     factor: Union[float, Tensor],
+    round_once: bool = True,
 ) -> None:
     """``running = (1 - factor) * running + factor * batch`` in place, with the unbiased variance.
+
+    float16 and bfloat16 buffers on CPU are updated as torch's CPU kernel does, in double and
+    rounded once (``round_once=False`` keeps the in-place update, as on the fused CUDA path).
 
     With a Python ``count`` it must be at least 2 (the unbiased variance divides by
     ``count - 1``). A tensor ``count`` (and ``factor``) needs no host read; where it is below 2 the
@@ -77,11 +81,21 @@ def update_running_stats(
             bessel = count / (count.clamp(min=2.0) - 1.0)
         else:
             bessel = count / (count - 1)
+        # torch's order (Normalization.cpp's update): (1 - m) * running + m * batch. lerp_ would
+        # compute running + m * (batch - running), NaN where running is infinite.
+        half = running_mean.dtype in HALF_DTYPES or running_var.dtype in HALF_DTYPES
+        if round_once and half and running_mean.device.type == "cpu":
+            # Half buffers, as torch's CPU kernel updates them: in double, rounded once (in place,
+            # the two roundings cost a bfloat16 buffer a unit in its last place, which an eval
+            # output at large |mean|/std shows; for float32 buffers a float32 unit).
+            keep64 = 1 - (factor.to(torch.float64) if isinstance(factor, Tensor) else factor)
+            for buf, batch64 in ((running_mean, mean.to(torch.float64)), (running_var, var.to(torch.float64) * bessel)):
+                new = buf.to(torch.float64) * keep64
+                buf.copy_(new.addcmul_(batch64, factor) if isinstance(factor, Tensor) else new.add_(batch64, alpha=factor))
+            return
         if isinstance(factor, Tensor):
             factor = factor.to(running_mean.dtype)
         unbiased = var.to(running_var.dtype) * bessel
-        # torch's order (Normalization.cpp's update): (1 - m) * running + m * batch. lerp_ would
-        # compute running + m * (batch - running), NaN where running is infinite.
         keep = 1 - factor
         batch = mean.to(running_mean.dtype)
         if isinstance(factor, Tensor):

@@ -52,3 +52,31 @@ def test_converted_residual_net_is_one_graph():
 
 def test_bf16_autocast_compiled_aot_eager():
     run_on_fresh_ranks(2, _autocast_parity, "aot_eager", timeout=300)
+
+
+def _variance_beyond_float32(rank: int, world_size: int) -> list[str]:
+    _reset()
+    torch.manual_seed(rank)
+    bn = syncbn.SyncBatchNorm(2)
+    big = torch.randn(4, 2, 3) * 3e19  # float32 variance ~9e38 > 3.4e38
+    outcomes = []
+    for name, layer in (("eager", bn), ("compiled", torch.compile(bn, backend="aot_eager", fullgraph=True))):
+        before = bn.running_var.clone()
+        try:
+            layer(big)
+            outcomes.append(f"{name}: no error")
+        except Exception as err:  # noqa: BLE001 - the test reports which error came
+            ok = "exceeds the range of torch.float32" in str(err) or "within the range of torch.float32" in str(err)
+            outcomes.append(f"{name}: {'refused' if ok else type(err).__name__ + ' ' + str(err)[:200]}")
+        assert torch.equal(bn.running_var, before)  # nothing taken from the refused batch
+    # The layer still works afterwards, compiled, on a batch in range.
+    y = torch.compile(bn, backend="aot_eager")(torch.randn(4, 2, 3) * 5 + 3)
+    outcomes.append(f"finite afterwards: {bool(y.isfinite().all())}")
+    return outcomes
+
+
+def test_variance_beyond_float32_range_refused_eager_and_compiled():
+    # A float32 batch variance beyond float32's range would normalize every value to 0: every rank
+    # refuses it, eagerly with a ValueError, compiled with torch's device-side assert.
+    results = run_on_fresh_ranks(2, _variance_beyond_float32, timeout=300)
+    assert results == [["eager: refused", "compiled: refused", "finite afterwards: True"]] * 2

@@ -117,6 +117,31 @@ def test_masked_statistics_one_process():
     run_on_ranks(1, _masked_parity, (9,), [[9, 4, 1]])
 
 
+def _masked_large_mean(rank: int, world_size: int, offset: float) -> list[float]:
+    """Relative errors of the group's mean (in std) and unbiased variance, float32 at |mean|/std = offset."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [[9, 9], [9, 4, 0]]  # rank 0 unpadded, rank 1 padded
+    parts = [_batch(gen, len(ls), 2, (9,), ls) for ls in lengths]
+    xs = [(p[0] * 0.5 + offset).round().float() if offset >= 1e6 else (p[0] * 0.5 + offset).float() for p in parts]
+    layer = syncbn.SyncBatchNorm(2, momentum=1.0)
+    layer(xs[rank], parts[rank][2])
+    valid = torch.cat([_valid(x.double(), p[2]) for x, p in zip(xs, parts)])
+    mean, var = valid.mean(0), valid.var(0)
+    return [
+        float(((layer.running_mean.double() - mean).abs() / var.sqrt()).max()),
+        float(((layer.running_var.double() - var).abs() / var).max()),
+    ]
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e7])
+def test_masked_statistics_at_large_mean_float32(offset):
+    # float32 values many standard deviations from 0 (at 1e7 integers, as float32 holds them):
+    # the masked statistics refine the kernel's float32-rounded mean as the unmasked ones do (the
+    # variance was 3.5% off at 1e7). Bound: a few float32 ulps of the buffers.
+    for mean_err, var_err in run_on_ranks(2, _masked_large_mean, offset):
+        assert mean_err < 3e-7 * offset and var_err < 1e-6, (mean_err, var_err)
+
+
 # --------------------------------------------------------------------------------------------
 # A Conformer's convolution module (pointwise conv, GLU, depthwise conv, batch norm, activation,
 # pointwise conv), unchanged, converted and run under syncbn.masked.

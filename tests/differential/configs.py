@@ -39,12 +39,7 @@ __all__ = [
 # Regions that a regression test in test_regressions.py pins as a known failure. The strategies
 # skip a configuration for which REGIONS[name](config) holds while name is listed here. Remove a
 # name once the library is fixed (the regression test's xfail mark goes at the same time).
-KNOWN_FAILURES: set[str] = {
-    # float32 statistics overflow where the batch's variance exceeds float32's range (values beyond
-    # about 1e19): the output is 0 where torch's training kernel (which never stores the variance
-    # in float32) still normalizes. Pinned by test_float32_variance_beyond_float32_range.
-    "float32_variance_overflow",
-}
+KNOWN_FAILURES: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -533,6 +533,18 @@ class LayerReference:
             self.twins.append(twin)
         self.jitter_seed = cfg.seed
 
+    def _variance_overflows(self, step: Step, xs: list[Tensor]) -> bool:
+        """A synchronized training call whose group variance float32 statistics cannot hold."""
+        cfg = self.cfg
+        # float32 statistics: float32, bfloat16 and float16 inputs (float16's values cannot reach it).
+        if not step.train or cfg.x_dtype == "float64" or (cfg.world == 1 and cfg.kind == "bn"):
+            return False
+        stats = _group_stats(xs)
+        if stats is None or stats[2] < cfg.min_count:
+            return False
+        mean, var, _ = stats
+        return bool((mean.isfinite() & (var > torch.finfo(torch.float32).max)).any())
+
     def _natural_scales(self, step: Step, xs: list[Tensor], gs: list[Tensor]) -> dict[str, float]:
         """The size of the terms that the gradients are sums of, before they cancel.
 
@@ -593,6 +605,13 @@ class LayerReference:
             # (torch, looking at no value, would pass; no rank can know that before the
             # collective, and in eval each rank sees its own batch only).
             return Expected(errors=["ValueError: parameter dtypes torch refuses for this input"] * w)
+        if self._variance_overflows(step, xs):
+            # A batch variance beyond float32's range (values ~1e19, float32 or bfloat16 inputs,
+            # whose statistics are float32): torch's training
+            # kernel still normalizes (its variance never leaves double); a synchronized layer
+            # keeps the group's statistics in float32 (as torch's CUDA kernels do) and refuses the
+            # batch with ValueError on every rank rather than normalize every value to 0.
+            return Expected(errors=["ValueError: batch variance beyond float32's range"] * w)
         try:
             outs["own"] = self.own.call(step, xs, gs)
         except Exception as err:  # torch refuses this call: syncbn must raise ValueError on every rank
@@ -634,6 +653,15 @@ class LayerReference:
         exp.buffers = {name: tuple(b[name] for b in bufs) for name in bufs[0]}
         exp.extra_buffers = {name: [b[name] for _, b in extra] for name in bufs[0]}
         return exp
+
+
+def _group_stats(xs: list[Tensor]) -> Optional[tuple[Tensor, Tensor, int]]:
+    """float64 per-channel mean and biased variance of the ranks' concatenated batch, and its count."""
+    rows = torch.cat([_rows(x.double()) for x in xs])
+    if rows.shape[0] == 0:
+        return None
+    mean = rows.mean(0)
+    return mean, (rows - mean).pow(2).mean(0), rows.shape[0]
 
 
 def _jitter(tensors: dict[str, Tensor], seed: int) -> dict[str, Tensor]:

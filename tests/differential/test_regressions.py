@@ -243,15 +243,62 @@ def test_renorm_refuses_dtypes_in_a_group_of_one() -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="float32 statistics: a batch variance beyond float32's range (values ~1e19) gives output 0; torch still normalizes")
 def test_float32_variance_beyond_float32_range() -> None:
     # Region float32_variance_overflow (deep profile's example, SyncBatchRenorm at r_max=1, d_max=0,
     # which is plain batch norm). float32 values ~1e19: the variance (~1e38) overflows float32 in
     # torch's statistics kernel, which syncbn uses per rank; torch's training kernel computes
-    # invstd without storing the variance and normalizes (output 1.23 where syncbn gives 0).
+    # invstd without storing the variance and normalizes. What the harness measured before the
+    # fix: output 0 where torch gives 1.23. Now every rank raises ValueError (the reference
+    # expects it wherever the group's float64 variance exceeds float32's range).
     check_layer(
         LayerConfig(world=3, kind="renorm", x_dtype="float32", p_dtype="float32", channels=1, affine=False,
                     r_max=1.0, d_max=0.0, log_scale=19.0, seed=57,
                     steps=(Step(sizes=(0, 1, 3), spatial=((3,), (3,), (3,))),
                            Step(sizes=(0, 0, 1), spatial=((3,), (3,), (3,))),))
+    )
+
+
+def test_float32_group_variance_beyond_float32_range() -> None:
+    # Region float32_variance_overflow: spread ~2e19 on every rank, so the group's variance
+    # (~4e38) exceeds float32's range: every rank raises ValueError before anything changes.
+    check_layer(
+        LayerConfig(world=2, x_dtype="float32", p_dtype="float32", channels=2, log_scale=19.3, seed=3,
+                    steps=(Step(sizes=(3, 2), spatial=((4,), (4,))),))
+    )
+
+
+def test_float32_squared_deviations_beyond_float32_range() -> None:
+    # Region float32_variance_overflow: the variance (~6e37) fits float32, but single squared
+    # deviations (~4e38) do not; torch's CPU statistics kernel squares them in float32 and gets
+    # inf, and its single-process layer outputs 0. A synchronized rank recomputes its statistics
+    # in float64 there and normalizes (the harness's float64 reference).
+    check_layer(
+        LayerConfig(world=2, x_dtype="float32", p_dtype="float32", channels=1, affine=False,
+                    log_scale=18.9, offset=1.4, seed=3,
+                    steps=(Step(sizes=(3, 3), spatial=((4,), (4,))),))
+    )
+
+
+def test_float32_mean_rounded_on_a_rank() -> None:
+    # Region large_mean_variance (random deep run's example): float32 values ~1e7 (integers),
+    # ranks of 0, 0, 1 and 2 values. torch's CPU statistics kernel rounds a rank's mean to float32
+    # (10000000.5 -> 1e7) and returns the second moment around that rounded mean (2.5), not the
+    # variance (2.25). What the harness measured before the fix: running_var 1.65% off, grad_input
+    # 3.6% (torch 9.5e-8). A refined rank now sends the variance around its float64 mean.
+    check_layer(
+        LayerConfig(world=4, x_dtype="float32", p_dtype="float32", offset=1e7, channels=1, affine=False, seed=2,
+                    steps=(Step(sizes=(0, 0, 1, 2)), Step(train=False, sizes=(0, 0, 0, 0))))
+    )
+
+
+def test_bfloat16_running_mean_rounded_once() -> None:
+    # Region large_mean_variance, eval after training (deep profile's example): bfloat16 input and
+    # buffers, values ~1e-18 with spread 1e-20. What the harness measured before the fix: eval
+    # output 34% off (bound 26%): running_mean one bfloat16 unit off torch's, which computes
+    # (1 - m) * running + m * mean in double and rounds once, where the in-place update rounded
+    # twice; the eval output (x - running_mean) * invstd magnifies that unit.
+    check_layer(
+        LayerConfig(world=1, kind="renorm", channels=4, x_dtype="bfloat16", p_dtype="bfloat16", affine=False,
+                    r_max=1.0, d_max=0.0, log_scale=-20.0, offset=100.0,
+                    steps=(Step(sizes=(2,), spatial=((),)), Step(train=False, sizes=(1,), spatial=((),))))
     )
