@@ -97,7 +97,10 @@ def _compare_step(cfg: LayerConfig, k: int, exp: Expected, acts: list, xd: torch
         mine, torchs = act["layout"]
         if mine != torchs and act["y"].numel():
             out.append(f"{at} rank {r}: output layout (dims by stride) {mine}, torch {torchs}")
-        msg = compare(act["y"], y_ref, y_own, y_perm, xd, f"{at} rank {r} output", extra=exp.extra_ranks[r]["y"])
+        msg = compare(
+            act["y"], y_ref, y_own, y_perm, xd, f"{at} rank {r} output", extra=exp.extra_ranks[r]["y"],
+            mean_ulp=exp.scales.get("y_mean", 0.0),
+        )
         if msg:
             out.append(msg)
         xg_ref, xg_own, xg_perm = exp.ranks[r]["xg"]
@@ -106,7 +109,7 @@ def _compare_step(cfg: LayerConfig, k: int, exp: Expected, acts: list, xd: torch
         elif xg_ref is not None:
             msg = compare(
                 act["xg"], xg_ref, xg_own, xg_perm, xd, f"{at} rank {r} grad_input", exp.scales.get("xg", 0.0),
-                extra=exp.extra_ranks[r]["xg"],
+                extra=exp.extra_ranks[r]["xg"], mean_ulp=exp.scales.get("xg_mean", 0.0),
             )
             if msg:
                 out.append(msg)

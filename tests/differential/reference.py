@@ -33,7 +33,7 @@ without running statistics normalizes each rank's own batch (eval never communic
 Tolerance rule. For every compared tensor ``q`` (output, grad_input, the group's summed
 grad_weight and grad_bias, running_mean, running_var), with ``e = q_ref``:
 
-    |q - e| <= K * torch_err + F * ulp(dtype) * scale,   K = 4, F = 16
+    |q - e| <= K * torch_err + F * ulp(dtype) * scale (+ mean_ulp),   K = 4, F = 16
 
 where ``torch_err = max(max|q_own - e|, max|q_perm - e|)`` is torch's own error on the same input
 (its error in the configuration's dtypes, also with the batch in each memory layout the ranks
@@ -46,7 +46,11 @@ gradients, which are cancelling sums, it is at least the size of their terms (``
 dy|`` for grad_input, ``max_c sum|dy * xhat|`` for grad_weight, ``max_c sum|dy|`` for grad_bias,
 with the group's float64 statistics or the running ones, whichever is larger): a group of two
 values has grad_input exactly 0 in exact arithmetic, and any implementation's rounding shows
-relative to the terms, not to 0. Non-finite values: where syncbn
+relative to the terms, not to 0. For outputs and input gradients ``mean_ulp`` adds how far two
+ulps of the mean (in the statistics dtype) move them: the mean is rounded in any
+implementation, each summation order rounds it differently (``own`` equals ``ref`` in float64,
+so torch's own error does not show it), and at large |mean|/std that moves ``x - mean`` by an
+ulp of the mean, not of the result. Non-finite values: where syncbn
 gives NaN or +-inf, torch (``ref`` or ``own``) must give the same at that position; where syncbn
 gives a finite value, it must be within the tolerance of a finite ``ref``. ``num_batches_tracked``
 must be equal, output dtype equal, and the output's memory layout that of torch's output for the
@@ -571,15 +575,30 @@ class LayerReference:
             inv = (_finite(bn.running_var.detach()).clamp(min=0) + eps).rsqrt()
             invstds.append(inv)
             xhats.append(((rows - _finite(bn.running_mean.detach())) * inv).abs())
-        if not invstds or not grows.numel():
-            return {"xg": 0.0, "wg": 0.0, "bg": 0.0}
+        if not invstds:
+            return {"xg": 0.0, "wg": 0.0, "bg": 0.0, "y_mean": 0.0, "xg_mean": 0.0}
         inv = _finite(torch.stack(invstds).max(0).values)
+        # The mean itself, in the statistics dtype, is uncertain by an ulp of |mean| for any
+        # implementation (torch's is one rounding order of the sum, syncbn's the merge's): the
+        # output moves by up to ulp(|mean|) * |w| * invstd, grad_input by 2 |a dy| |xhat| of that.
+        means = [rows.mean(0).abs()] if rows.shape[0] else []
+        if bn.running_mean is not None:
+            means.append(_finite(bn.running_mean.detach()).abs())
+        mu = _finite(torch.stack(means).max(0).values)
+        ulp = 2.0 * torch.finfo(stat_dtype(dtype_of(self.cfg.x_dtype))).eps  # a unit in the last place, at most
+        r_max = max(self.cfg.r_max, 1.0) if self.cfg.kind == "renorm" else 1.0  # Batch Renorm's scale w * r
+        y_mean = ulp * r_max * (mu * w * inv).max().item()
+        if not grows.numel():
+            return {"xg": 0.0, "wg": 0.0, "bg": 0.0, "y_mean": y_mean, "xg_mean": 0.0}
         xhat = _finite(torch.stack(xhats).max(0).values)
         g = grows.abs()
+        xg = (g * w * inv).max().item()
         return {
-            "xg": (g * w * inv).max().item(),
+            "xg": xg,
             "wg": (g * xhat).sum(0).max().item(),
             "bg": g.sum(0).max().item(),
+            "y_mean": y_mean,
+            "xg_mean": 2.0 * xg * xhat.max().item() * ulp * (mu * inv).max().item() if xhat.numel() else 0.0,
         }
 
     def step(self, k: int) -> Expected:
@@ -717,11 +736,13 @@ def compare(
     what: str,
     natural_scale: float = 0.0,
     extra: Optional[list] = None,
+    mean_ulp: float = 0.0,
 ) -> Optional[str]:
     """Apply the tolerance rule; return a one-line description of the violation, or None.
 
     ``natural_scale`` (gradients): the size of the terms the result is a cancelling sum of; the
-    ulp floor uses it where it exceeds ``max|ref|``.
+    ulp floor uses it where it exceeds ``max|ref|``. ``mean_ulp``: how far one ulp of the
+    statistics' mean moves the result (outputs and input gradients), added to the bound.
     """
     a = actual.detach().to(torch.float64)
     e = ref.detach().to(torch.float64)
@@ -738,7 +759,7 @@ def compare(
             torch_err = max(torch_err, (o[both] - e[both]).abs().max().item())
     scale = e[finite_e].abs().max().item() if finite_e.any() else 0.0
     scale = max(scale, natural_scale if math.isfinite(natural_scale) else 0.0)
-    bound = K * torch_err + F * torch.finfo(dtype).eps * scale
+    bound = K * torch_err + F * torch.finfo(dtype).eps * scale + (mean_ulp if math.isfinite(mean_ulp) else 0.0)
     ca = _classes(a)
     # Non-finite in syncbn: torch (ref or own) must be non-finite alike there.
     bad_nf = ca != 0
