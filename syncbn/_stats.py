@@ -21,6 +21,7 @@ is a bool tensor of shape ``(N, *x.shape[2:])``, True where a position holds dat
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -185,8 +186,11 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
     # (the forward then refuses the batch). CPU only, where the host read is free. Never on the
     # fused path, which is CUDA's (its CPU emulation in tests behaves as CUDA does).
     if not fused and x.device.type == "cpu":
+        # min(var - mean^2 / 16) and max(var) over the channels, a NaN channel (a NaN in the batch)
+        # left out so that it does not hide the others.
         spread = torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2)
-        low, top = torch.stack([spread.min(), var.max()]).tolist()
+        low, neg_top = torch.stack([spread, -var]).nan_to_num_(0.0, math.inf, -math.inf).amin(1).tolist()
+        top = -neg_top
         if var.dtype != torch.float64 and top > _FLAG_VARIANCE * torch.finfo(var.dtype).max:
             # A variance near or beyond the statistics dtype's range (torch's kernel squares the
             # deviations in that dtype: inf once one of them exceeds its square root): float64

@@ -315,3 +315,16 @@ def test_float64_one_value_per_rank_at_large_mean() -> None:
         LayerConfig(world=3, x_dtype="float64", p_dtype="float64", offset=1e4, channels=1, affine=False, seed=169,
                     steps=(Step(sizes=(1, 1, 1), spatial=((1,), (1,), (1,))),))
     )
+
+
+def test_nan_in_one_channel_does_not_hide_another_large_mean() -> None:
+    # Region large_mean_variance with a NaN input (deep profile's example): float64, |mean|/std
+    # = 1e3, a NaN in channel 0 of rank 2. What the harness measured before the fix: channel 1's
+    # running_var 8.6e-15 relative off (bound 5e-15): the NaN made the rank's check over its
+    # channels NaN, so channel 1's mean went unrefined.
+    check_layer(
+        LayerConfig(world=4, x_dtype="float64", p_dtype="float64", offset=1e3, channels=2, affine=False, seed=61,
+                    r_max=1.0, d_max=0.0,
+                    steps=(Step(sizes=(1, 1, 3, 0), spatial=((1, 1),) * 4, nonfinite=(2, "nan")),
+                           Step(train=False, sizes=(0, 0, 0, 0), spatial=((1, 1),) * 4)))
+    )
