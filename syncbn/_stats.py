@@ -123,7 +123,10 @@ def _refine(x: Tensor, hi: Tensor, dims: list[int], wide: bool = False) -> tuple
     n = x.numel() // x.shape[1]
     lo = diff.sum(dims, dtype=torch.float64) / n
     second = (diff * diff).sum(dims, dtype=torch.float64) / n
-    return lo, (second - lo * lo).clamp_(min=0.0)
+    var = (second - lo * lo).clamp_(min=0.0)
+    # A channel holding inf or NaN keeps the kernel's statistics (its mean inf or NaN, as in
+    # torch) and sends no correction: merge_rows relies on it.
+    return lo.nan_to_num_(0.0, 0.0, 0.0), var
 
 
 def _masked_stats(x: Tensor, mask: Tensor, count: Tensor, dims: list[int]) -> tuple[Tensor, Tensor, bool]:
@@ -160,7 +163,7 @@ def _masked_stats(x: Tensor, mask: Tensor, count: Tensor, dims: list[int]) -> tu
     dev = torch.where(m, xs - channel_view(hi, x.dim()), 0)
     lo = dev.sum(dims, dtype=torch.float64) / n
     var = ((dev * dev).sum(dims, dtype=torch.float64) / n - lo * lo).clamp_(min=0.0)
-    return hi.double() + lo, var, wide
+    return hi.double() + lo.nan_to_num_(0.0, 0.0, 0.0), var, wide  # (an inf channel's mean stays inf)
 
 
 def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:

@@ -328,3 +328,15 @@ def test_nan_in_one_channel_does_not_hide_another_large_mean() -> None:
                     steps=(Step(sizes=(1, 1, 3, 0), spatial=((1, 1),) * 4, nonfinite=(2, "nan")),
                            Step(train=False, sizes=(0, 0, 0, 0), spatial=((1, 1),) * 4)))
     )
+
+
+def test_inf_in_one_channel_while_another_refines() -> None:
+    # Region inf_running_stats_nan (deep profile's example): an inf in channel 0 of rank 0 whose
+    # channel 1 (one value) refines its mean. What the harness measured before the fix: the
+    # correction of the inf channel was inf - inf = NaN, so the group's mean was NaN where torch's
+    # is inf.
+    check_layer(
+        LayerConfig(world=2, x_dtype="float64", p_dtype="float64", channels=2, affine=False,
+                    steps=(Step(sizes=(1, 1), spatial=((1, 1),) * 2, nonfinite=(0, "inf")),
+                           Step(train=False, sizes=(0, 0), spatial=((1, 1),) * 2)))
+    )
