@@ -372,7 +372,14 @@ class _Engine:
         with _grad_context(step.grad):
             xc = full.to(cd)
             if n == 0:
-                y = full * 1.0 if full.requires_grad else full.clone()
+                # Empty: as torch's layer, an output that depends on the weight and bias (their
+                # gradients are zeros, not None) and the input.
+                y = full.to(cd)
+                if bn.weight is not None:
+                    y = y * bn.weight.to(cd).reshape(view)
+                if bn.bias is not None:
+                    y = y + bn.bias.to(cd).reshape(view)
+                y = y.to(self.xd) if y.requires_grad else full.clone()
                 mean = var = None
             else:
                 mean = xc.mean(dims)

@@ -340,3 +340,14 @@ def test_inf_in_one_channel_while_another_refines() -> None:
                     steps=(Step(sizes=(1, 1), spatial=((1, 1),) * 2, nonfinite=(0, "inf")),
                            Step(train=False, sizes=(0, 0), spatial=((1, 1),) * 2)))
     )
+
+
+def test_renorm_empty_batch_parameter_gradients() -> None:
+    # Harness (random deep run's example): SyncBatchRenorm on one rank, an empty batch, only the
+    # parameters require grad. The closed-form reference returned no parameter gradients; torch's
+    # layers (and syncbn) give zeros for an empty batch. The reference now does too.
+    check_layer(
+        LayerConfig(world=1, kind="renorm", channels=1, r_max=1.0, d_max=0.0,
+                    steps=(Step(sizes=(0,), spatial=((1, 1, 1),), grad="params"),
+                           Step(train=False, sizes=(0,), spatial=((1, 1, 1),))))
+    )
