@@ -250,7 +250,7 @@ def _overflow_message(name: str, stat: torch.dtype, var: Tensor, overflow: Tenso
     return (
         f"{name}: expected batch variances within the range of {stat} (at most "
         f"{torch.finfo(stat).max:.3g}), got {float(var[c]):.3g} for channel {c}: normalizing with it "
-        f"would give 0 for every value. {_OVERFLOW_REMEDY[0].upper() + _OVERFLOW_REMEDY[1:]}."
+        f"would give every value the layer's bias. {_OVERFLOW_REMEDY[0].upper() + _OVERFLOW_REMEDY[1:]}."
     )
 
 

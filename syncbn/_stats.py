@@ -245,8 +245,10 @@ def local_row(x: Tensor, mask: Optional[Tensor] = None, needs_grad: bool = False
     ``var`` its biased variance (two-pass, accumulated in double), ``count`` the number of values
     per channel and ``needs_grad`` 1.0 when this rank's input needs a gradient. ``hi`` comes from
     torch's statistics kernel in the statistics dtype; where some channel's ``|mean|`` exceeds 4
-    standard deviations, ``lo`` holds the float64 correction ``mean(x - hi)`` (one more pass over
-    the batch) and ``refined`` is 1.0, else both are 0. An empty batch (or mask) gives zeros. No autograd history. Under
+    standard deviations, ``lo`` holds the float64 correction ``mean(x - hi)`` and ``var`` the
+    variance around ``hi + lo`` (one more pass over the batch), and ``refined`` is 1.0, else both
+    are 0. ``refined`` is also 1.0 where a float32 variance nears float32's range (the statistics
+    are then computed in float64; the forward checks the group's fits). An empty batch (or mask) gives zeros. No autograd history. Under
     ``torch.compile`` this is one opaque operator with a fake implementation, so batch sizes may
     change between steps without breaking the graph.
     """
