@@ -120,12 +120,17 @@ def _refine(x: Tensor, hi: Tensor, dims: list[int], wide: bool = False) -> tuple
         diff = x.double() - channel_view(hi.double(), x.dim())
     else:
         diff = x - channel_view(hi, x.dim())
-    n = x.numel() // x.shape[1]
+    return _moments_around(diff, dims, x.numel() // x.shape[1])
+
+
+def _moments_around(diff: Tensor, dims: list[int], n: Union[int, Tensor]) -> tuple[Tensor, Tensor]:
+    """float64 ``lo = sum(diff) / n`` and ``sum(diff**2) / n - lo**2`` (the variance around ``hi + lo``).
+
+    ``diff`` is ``x - hi`` (0 where masked). A channel holding inf or NaN gets ``lo = 0``: it keeps
+    the kernel's mean (inf or NaN, as in torch) and sends no correction, which merge_rows relies on.
+    """
     lo = diff.sum(dims, dtype=torch.float64) / n
-    second = (diff * diff).sum(dims, dtype=torch.float64) / n
-    var = (second - lo * lo).clamp_(min=0.0)
-    # A channel holding inf or NaN keeps the kernel's statistics (its mean inf or NaN, as in
-    # torch) and sends no correction: merge_rows relies on it.
+    var = ((diff * diff).sum(dims, dtype=torch.float64) / n - lo * lo).clamp_(min=0.0)
     return lo.nan_to_num_(0.0, 0.0, 0.0), var
 
 
@@ -160,10 +165,8 @@ def _masked_stats(x: Tensor, mask: Tensor, count: Tensor, dims: list[int]) -> tu
             return mean, var, False
     xs = xz.double() if wide else xz.to(stat)
     hi = (xs.sum(dims, dtype=torch.float64) / n).to(xs.dtype)
-    dev = torch.where(m, xs - channel_view(hi, x.dim()), 0)
-    lo = dev.sum(dims, dtype=torch.float64) / n
-    var = ((dev * dev).sum(dims, dtype=torch.float64) / n - lo * lo).clamp_(min=0.0)
-    return hi.double() + lo.nan_to_num_(0.0, 0.0, 0.0), var, wide  # (an inf channel's mean stays inf)
+    lo, var = _moments_around(torch.where(m, xs - channel_view(hi, x.dim()), 0), dims, n)
+    return hi.double() + lo, var, wide
 
 
 def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Tensor:

@@ -88,10 +88,9 @@ def update_running_stats(
             # Half buffers, as torch's CPU kernel updates them: in double, rounded once (in place,
             # the two roundings cost a bfloat16 buffer a unit in its last place, which an eval
             # output at large |mean|/std shows; for float32 buffers a float32 unit).
-            keep64 = 1 - (factor.to(torch.float64) if isinstance(factor, Tensor) else factor)
+            f64 = factor.to(torch.float64) if isinstance(factor, Tensor) else factor
             for buf, batch64 in ((running_mean, mean.to(torch.float64)), (running_var, var.to(torch.float64) * bessel)):
-                new = buf.to(torch.float64) * keep64
-                buf.copy_(new.addcmul_(batch64, factor) if isinstance(factor, Tensor) else new.add_(batch64, alpha=factor))
+                buf.copy_(buf.to(torch.float64) * (1 - f64) + batch64 * f64)
             return
         if isinstance(factor, Tensor):
             factor = factor.to(running_mean.dtype)
