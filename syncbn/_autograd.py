@@ -104,10 +104,9 @@ class SyncNormFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled() and not is_compiling()
         with torch.no_grad():
             sums = _gradient_sums(ctx, grad_out, x, mean, spread, scale, mask, create_graph)
-        if create_graph:
-            return _second_order(ctx, grad_out, x, mean, spread, r, d, mask, weight, bias)
-        with torch.no_grad():
-            return _first_order(ctx, x, mean, spread, scale, r, d, mask, sums)
+            if not create_graph:
+                return _first_order(ctx, x, mean, spread, scale, r, d, mask, sums)
+        return _second_order(ctx, grad_out, x, mean, spread, r, d, mask, weight, bias)
 
 
 _flags: dict[tuple[bool, torch.device, torch.dtype], Tensor] = {}
@@ -177,7 +176,7 @@ def _gradient_sums(
     # (The fused path is CUDA's: no host read there, also when its CPU emulation runs in tests.)
     if create_graph or (reduced.device.type == "cpu" and not ctx.fused and not is_compiling()):
         agree = int(reduced[-1].item())
-        world = comm.group_size(ctx.group)
+        world = comm.group_size(ctx.group) if agree else 0
         if 0 < agree < world:
             raise ValueError(
                 f"syncbn: expected every rank of the group to run this backward alike, got "
@@ -219,7 +218,9 @@ def _first_order(
         means = group_sums / (count.clamp(min=1.0) if isinstance(count, Tensor) else max(count, 1))
         # Statistics with some |mean| > 4 std on some rank: center x first (the folded kernel
         # would cancel). The forward decided it.
-        grad_x = BF.grad_input(grad_out, x_filled, mean, spread, ctx.eps, scale, means[:c], means[c:], ctx.center)
+        grad_x = BF.grad_input(
+            grad_out, x_filled, mean, spread, ctx.eps, scale, means[:c], means[c:], ctx.center, invstd
+        )
         if mask is not None:  # 0 where padded (finite there, as x was filled)
             grad_x.mul_(ST.expand_mask(mask, x.dim()).to(grad_x.dtype))
     if need_w:

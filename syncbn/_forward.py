@@ -109,17 +109,16 @@ def batch_norm(
     apart in consistency mode. With ``num_features`` the input's shape and dtype are checked
     here (:func:`check_input`), after the consistency check when that mode is on.
     """
-    sync = training and (_config.current().always_sync or comm.group_size(group) > 1)
-    checked = False
+    world = comm.group_size(group)
+    sync = training and (world > 1 or _config.current().always_sync)
     if sync and _config.debug():
         # Consistency mode: the ranks compare this call before any rank checks its input alone, so
         # that an input only one rank got wrong raises on every rank (the check tolerates any
         # shape and dtype).
         _consistency.check_consistency(name, x, group, key)
-        checked = True
     if num_features is not None:
         check_input(name, x, num_features)
-    if sync or x.numel() or comm.group_size(group) > 1:
+    if sync or x.numel() or world > 1:
         # In a group of one, an empty batch passes as in torch (whose kernel looks at no value);
         # in a larger group a rank cannot tell whether the group's batch is empty.
         _check_dtypes(name, x, weight, bias, running_mean, running_var)
@@ -157,8 +156,6 @@ def batch_norm(
         x = _kernels.fused_layout(x)
     row = ST.local_row(x, mask, needs_grad)
     if sync:
-        if _config.debug() and not checked:
-            _consistency.check_consistency(name, x, group, key)
         rows = comm.all_gather(row, group)
     else:
         rows = row.unsqueeze(0)

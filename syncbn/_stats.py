@@ -177,7 +177,7 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
         count = mask.sum(dtype=torch.float64)  # a tensor: no host read
         mean, var, flagged = _masked_stats(x, mask, count, dims)
         tail = torch.stack([count, count.new_tensor(needs_grad), count.new_tensor(float(flagged))])
-        return torch.cat([mean, _constant((0.0,) * c, x.device), var, tail])
+        return torch.cat([mean, _zeros(c, x.device), var, tail])
     count = x.numel() // c if c else 0
     if count == 0:
         return torch.cat([torch.zeros(3 * c, **f64), torch.tensor([0.0, needs_grad, 0.0], **f64)])
@@ -192,11 +192,7 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
     # (the forward then refuses the batch). CPU only, where the host read is free. Never on the
     # fused path, which is CUDA's (its CPU emulation in tests behaves as CUDA does).
     if not fused and x.device.type == "cpu":
-        # min(var - mean^2 / 16) and max(var) over the channels, a NaN channel (a NaN in the batch)
-        # left out so that it does not hide the others.
-        spread = torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2)
-        low, neg_top = torch.stack([spread, -var]).nan_to_num_(0.0, math.inf, -math.inf).amin(1).tolist()
-        top = -neg_top
+        low, top = _refinement_check(mean, var)
         if var.dtype != torch.float64 and top > _FLAG_VARIANCE * torch.finfo(var.dtype).max:
             # A variance near or beyond the statistics dtype's range (torch's kernel squares the
             # deviations in that dtype: inf once one of them exceeds its square root): float64
@@ -211,8 +207,28 @@ def _local_row_impl(x: Tensor, mask: Optional[Tensor], needs_grad: float) -> Ten
             lo, var = _refine(x, mean, dims)
             refined = 1.0
     if lo is None:
-        lo = _constant((0.0,) * c, x.device)
+        lo = _zeros(c, x.device)
     return torch.cat([mean, lo, var, _constant((float(count), needs_grad, refined), x.device)])
+
+
+def _refinement_check(mean: Tensor, var: Tensor) -> tuple[float, float]:
+    """``min(var - mean^2 / 16)`` and ``max(var)`` over the channels, NaN channels left out.
+
+    (A NaN in the batch makes its channel's statistics NaN; it must not hide the other channels.)
+    Without NaN: one reduction each; with NaN (rare), they are taken again around it.
+    """
+    spread = torch.addcmul(var, mean, mean, value=-1.0 / _REFINE_RATIO**2)
+    if var.dtype == torch.float64:
+        # (No range flag for float64 statistics: only the spread is read.)
+        low = spread.amin().item()
+        if low == low:
+            return low, 0.0
+    else:
+        low, top = torch.stack([spread.amin(), var.amax()]).tolist()
+        if low == low and top == top:
+            return low, top
+    low, neg_top = torch.stack([spread, -var]).nan_to_num_(0.0, math.inf, -math.inf).amin(1).tolist()
+    return low, -neg_top
 
 
 # Small read-only float64 vectors that local_row would otherwise build at every call (torch.cat
@@ -227,6 +243,17 @@ def _constant(values: tuple, device: torch.device) -> Tensor:
         if len(_constants) >= 256:
             _constants.clear()
         t = _constants[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return t
+
+
+def _zeros(c: int, device: torch.device) -> Tensor:
+    """A cached float64 ``(c,)`` vector of zeros (keyed by its length, not by its values)."""
+    key = ("zeros", c, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) >= 256:
+            _constants.clear()
+        t = _constants[key] = torch.zeros(c, dtype=torch.float64, device=device)
     return t
 
 
@@ -290,7 +317,7 @@ def merge_rows(rows: Tensor, refined: bool = True, total: Optional[float] = None
     read it on the host already (no reduction for it then).
     """
     c = (rows.shape[1] - 3) // 3
-    hi, lo, var = rows[:, :c], rows[:, c : 2 * c], rows[:, 2 * c : 3 * c]
+    hi, var = rows[:, :c], rows[:, 2 * c : 3 * c]
     counts = rows[:, 3 * c]
     if total is None:
         total = counts.sum()
@@ -298,12 +325,16 @@ def merge_rows(rows: Tensor, refined: bool = True, total: Optional[float] = None
     else:
         safe = float(max(total, 1))
     if rows.shape[0] == 1:
-        return GroupStats(hi[0] + lo[0], var[0], total, counts)
-    n = counts.unsqueeze(1)
+        return GroupStats(hi[0] + rows[0, c : 2 * c], var[0], total, counts)
     if not refined:
-        mean = torch.mv(hi.t(), counts).div_(safe)
+        # Weights n_i / M, then two matrix-vector products (the fewest operators: this runs at
+        # every synchronized layer's forward).
+        w = counts / safe
+        mean = torch.mv(hi.t(), w)
         d = hi - mean
-        return GroupStats(mean, torch.mv(torch.addcmul(var, d, d).t(), counts).div_(safe), total, counts)
+        return GroupStats(mean, torch.mv(torch.addcmul(var, d, d).t(), w), total, counts)
+    lo = rows[:, c : 2 * c]
+    n = counts.unsqueeze(1)
     nonempty = counts > 0
     present = nonempty.unsqueeze(1)
     # The first non-empty rank's hi, selected without indexing by a value (compile-friendly) and

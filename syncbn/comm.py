@@ -81,7 +81,6 @@ def _run(kind: str, tensor: Tensor, group: Optional[ProcessGroup], shm: Callable
     ``shm(channel)`` returns the result, or None when the channel is too small for this size (every
     rank published the same size, so every rank grows the channel and tries again).
     """
-    what = f"syncbn: {kind} of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}"
     channel = None
     try:
         channel = _shm_channel(tensor, group)
@@ -101,9 +100,13 @@ def _run(kind: str, tensor: Tensor, group: Optional[ProcessGroup], shm: Callable
         return fallback()
     except RuntimeError as err:
         how = "in shared memory" if channel is not None else f"on the {dist.get_backend(group)!r} backend"
-        raise _failed(what, how, err) from err
+        raise _failed(_what(kind, tensor), how, err) from err
     except ValueError as err:
-        raise ValueError(f"{what}: {err}") from err
+        raise ValueError(f"{_what(kind, tensor)}: {err}") from err
+
+
+def _what(kind: str, tensor: Tensor) -> str:
+    return f"syncbn: {kind} of a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}"
 
 
 def all_reduce_sum(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
@@ -136,12 +139,9 @@ def all_gather(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
     if is_compiling():
         return _all_gather_op(tensor, _group_name(group), world)
     prepare_token(tensor.device)
-    out = tensor.new_empty((world, tensor.numel()))
-
-    def shm(channel: ShmChannel) -> Optional[Tensor]:
-        return out if channel.all_gather_(tensor, out) else None
 
     def fallback() -> Tensor:
+        out = tensor.new_empty((world, tensor.numel()))
         if tensor.is_cuda or dist.get_backend(group) != "gloo":
             # Into the flat view: Gloo (CUDA tensors too) splits the output into W chunks that
             # must each have the input's shape; NCCL only counts elements. all_gather_single is
@@ -151,7 +151,7 @@ def all_gather(tensor: Tensor, group: Optional[ProcessGroup] = None) -> Tensor:
             dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=group)
         return out
 
-    return _run("all_gather", tensor, group, shm, fallback)
+    return _run("all_gather", tensor, group, lambda channel: channel.all_gather(tensor), fallback)
 
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)

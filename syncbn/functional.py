@@ -94,19 +94,18 @@ def update_running_stats(
             return
         if isinstance(factor, Tensor):
             factor = factor.to(running_mean.dtype)
-        unbiased = var.to(running_var.dtype) * bessel
+            keep = 1 - factor
+            running_mean.mul_(keep).addcmul_(mean.to(running_mean.dtype), factor)
+            running_var.mul_(keep).addcmul_(var.to(running_var.dtype) * bessel, factor)
+            return
+        # A Python factor: the batch statistics (float64 from the merge) are added in the
+        # promoted dtype and rounded once into the buffer, two operators per buffer.
         keep = 1 - factor
-        batch = mean.to(running_mean.dtype)
-        if isinstance(factor, Tensor):
-            running_mean.mul_(keep).addcmul_(batch, factor)
-            running_var.mul_(keep).addcmul_(unbiased, factor)
-        elif running_mean.dtype == running_var.dtype and running_mean.device == running_var.device:
-            # Both buffers in one launch per step (torch's multi-tensor kernels on CUDA).
-            torch._foreach_mul_([running_mean, running_var], keep)
-            torch._foreach_add_([running_mean, running_var], [batch, unbiased], alpha=factor)
+        running_mean.mul_(keep).add_(mean, alpha=factor)
+        if isinstance(bessel, Tensor):
+            running_var.mul_(keep).add_(var * bessel, alpha=factor)
         else:
-            running_mean.mul_(keep).add_(batch, alpha=factor)
-            running_var.mul_(keep).add_(unbiased, alpha=factor)
+            running_var.mul_(keep).add_(var, alpha=factor * bessel)
 
 
 def normalize(
@@ -268,6 +267,7 @@ def grad_input(
     mean_dy: Tensor,
     mean_dy_xhat: Tensor,
     center: bool = False,
+    invstd: Optional[Tensor] = None,
 ) -> Tensor:
     """Training-mode batch-norm input gradient from the group's gradient means.
 
@@ -278,8 +278,10 @@ def grad_input(
     eval-mode batch-norm pass over ``x`` and one multiply-add with ``dy``. The kernel folds its
     affine form into ``x * alpha + beta``, which cancels where ``|mean|`` is many standard
     deviations: ``center=True`` subtracts ``mean`` first (one more pass), for such statistics.
+    ``invstd``: ``rsqrt(var + eps)`` when the caller has it already.
     """
-    invstd = torch.rsqrt(var + eps)
+    if invstd is None:
+        invstd = torch.rsqrt(var + eps)
     a = invstd if scale is None else scale * invstd
     neg_a = a.neg()
     if center:
