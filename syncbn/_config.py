@@ -41,7 +41,10 @@ def switch(name: str, default: bool, env: Optional[Mapping[str, str]] = None) ->
     forced = _overrides.get(name)
     if forced is not None and env is None:
         return forced
-    raw = (os.environ if env is None else env).get(name, "").strip().lower()
+    raw = (os.environ if env is None else env).get(name)
+    if not raw:  # unset or empty (the common case: no string work)
+        return default
+    raw = raw.strip().lower()
     if not raw:
         return default
     if raw in _ON:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import _stats as ST
 
-__all__ = ["masked", "sequence_mask", "resolve"]
+__all__ = ["masked", "sequence_mask", "active", "resolve"]
 
 
 def sequence_mask(lengths: Tensor, max_length: Optional[int] = None) -> Tensor:
@@ -107,6 +107,11 @@ def masked(*masks: Tensor, layers: Union[nn.Module, Iterable[nn.Module], None] =
         yield
     finally:
         _stack.pop()
+
+
+def active() -> bool:
+    """Whether a :func:`masked` block is open (some layer may take a mask from it)."""
+    return bool(_stack)
 
 
 def resolve(name: str, layer: nn.Module, x: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
