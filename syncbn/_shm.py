@@ -35,8 +35,9 @@ channel's capacity; a size every rank exceeds together grows the channel.
 
 Waiting spins for the first ~0.1 ms (the common case: the peers are there), then yields the CPU
 until 2 ms have passed, then sleeps in growing steps of up to 0.5 ms: a rank waiting for a
-straggler costs about 1% of a core instead of a whole one, and notices the straggler at most
-about half a millisecond late (measured in ``benchmarks/bench_transport.py``).
+straggler 200 ms late costs about a tenth of a core instead of a whole one, and notices the
+straggler within one sleep step plus the scheduler's wake-up, about a millisecond (measured in
+``benchmarks/bench_transport.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import bench_layer, bench_resnet
+from benchmarks import bench_layer, bench_resnet, bench_revision
 from examples.models import resnet18
 
 from .harness import run_on_fresh_ranks
@@ -30,6 +30,26 @@ def test_bench_layer_smoke(tmp_path, forked_benchmarks):
         assert ours["saved_bytes_ratio"] <= 1.05, "saved for backward must stay <= 1.05x the input"
         torch_err = row["impls"]["local BN"]["error_at_mean_1e4"]
         assert ours["error_at_mean_1e4"] <= 2 * torch_err + 1e-6, (ours, torch_err)
+
+
+def test_bench_revision_smoke(tmp_path, forked_benchmarks):
+    """The committed package (HEAD), unpacked as syncbn_rev beside the working tree's, runs
+    interleaved with it; both compute the same function."""
+    out = tmp_path / "revision.json"
+    rows = bench_revision.main(
+        ["--rev", "HEAD", "--shapes", "4x8x5x5", "64x16", "--reps", "2", "--warmup", "0", "--steps-per-block", "2",
+         "--timeout", "120", "--json", str(out)]
+    )
+    assert json.loads(out.read_text())["rows"] == rows
+    assert [r["shape"] for r in rows] == [[4, 8, 5, 5], [64, 16]]
+    for row in rows:
+        assert all(ms > 0 for ms in row["median_ms"].values()) and row["current_over_revision"] > 0
+        assert row["max_output_difference"] <= 1e-5, row
+
+
+def test_bench_revision_names_a_missing_revision(tmp_path):
+    with pytest.raises(RuntimeError, match="expected a git revision"):
+        bench_revision.materialize("no-such-revision-xyz", str(tmp_path))
 
 
 def test_bench_resnet_counts_two_collectives_per_bn_layer(tmp_path, forked_benchmarks):
