@@ -10,7 +10,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _compat, _forward, _masking, comm
+from . import _compat, _config, _forward, _masking, comm
 from . import _stats as ST
 from ._compat import NORM_TAKES_BIAS
 from ._forward import check_input
@@ -296,9 +296,9 @@ class SyncBatchNorm(_BatchNorm):
         if _compat.is_fx_tracing():
             return _fx_call(self, input, mask)
         name = self._layer_name()
-        if mask is not None or _masking.active():
-            # The mask is checked against the input's shape: the input first. (Otherwise the
-            # shared forward checks it, after the ranks compared the call in consistency mode.)
+        if mask is not None or (_masking.active() and not (self.training and _config.debug())):
+            # A mask is checked against the input's shape: the input first. (Otherwise the shared
+            # forward checks it, after the ranks compared the call in consistency mode.)
             check_input(name, input, self.num_features)
         mask = _masking.resolve(name, self, input, mask)
         # torch's rule: training without track_running_stats uses (and updates) no buffers; eval
