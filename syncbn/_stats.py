@@ -22,7 +22,7 @@ is a bool tensor of shape ``(N, *x.shape[2:])``, True where a position holds dat
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -236,25 +236,22 @@ def _refinement_check(mean: Tensor, var: Tensor) -> tuple[float, float]:
 _constants: dict[tuple, Tensor] = {}
 
 
-def _constant(values: tuple, device: torch.device) -> Tensor:
-    key = (values, device)
+def _cached(key: tuple, make: Callable[[], Tensor]) -> Tensor:
     t = _constants.get(key)
     if t is None:
         if len(_constants) >= 256:
             _constants.clear()
-        t = _constants[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        t = _constants[key] = make()
     return t
+
+
+def _constant(values: tuple, device: torch.device) -> Tensor:
+    return _cached((values, device), lambda: torch.tensor(values, dtype=torch.float64, device=device))
 
 
 def _zeros(c: int, device: torch.device) -> Tensor:
     """A cached float64 ``(c,)`` vector of zeros (keyed by its length, not by its values)."""
-    key = ("zeros", c, device)
-    t = _constants.get(key)
-    if t is None:
-        if len(_constants) >= 256:
-            _constants.clear()
-        t = _constants[key] = torch.zeros(c, dtype=torch.float64, device=device)
-    return t
+    return _cached(("zeros", c, device), lambda: torch.zeros(c, dtype=torch.float64, device=device))
 
 
 if _compat.HAS_CUSTOM_OP:
